@@ -1,0 +1,8 @@
+"""raad-kernels: mixed-precision (int8/int4/int2) attention with fused attention maps."""
+
+from .api import quant_attention
+from .dispatch import BackendStatus, backends
+from .reference import attention_reference
+
+__all__ = ["quant_attention", "backends", "BackendStatus", "attention_reference"]
+__version__ = "0.1.0"

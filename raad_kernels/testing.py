@@ -1,0 +1,85 @@
+"""Inputs and the accuracy rule shared by every backend's tests and benchmarks (DESIGN.md).
+
+``make_qkv`` draws realistic attention inputs: K with a large per-channel offset, a few outlier
+channels in Q and K, logits scaled to a typical ViT temperature; ``adversarial=True`` makes the
+outliers and the offset much stronger. ``check_accuracy`` applies the rule: a backend's error
+against float64 is at most 1.25× the ``torch`` emulation's error (+1e-4) and above the floors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .reference import attention_reference
+
+#: Minimum cosine similarity against float64, per Q·Kᵀ bit-width.
+COS_FLOOR = {8: 0.999, 4: 0.98, 2: 0.90}
+#: A backend may be this much worse than the torch emulation (plus ABS_SLACK).
+REL_SLACK = 1.25
+ABS_SLACK = 1e-4
+
+
+def make_qkv(b, h, nq, d, nk=None, dv=None, *, dtype=torch.float32, device="cpu", seed=0,
+             logit_std=3.0, n_outliers=3, outlier_gain=8.0, k_offset=4.0, adversarial=False):
+    """Realistic (or, with ``adversarial``, hostile) q, k, v of shape (B, H, N, D)."""
+    nk = nq if nk is None else nk
+    dv = d if dv is None else dv
+    if adversarial:
+        outlier_gain, k_offset, logit_std = 30.0, 20.0, 6.0
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, nk, dv, generator=g, dtype=torch.float64)
+    idx = torch.randperm(d, generator=g)[: min(n_outliers, d)]
+    q[..., idx] *= outlier_gain
+    k[..., idx] *= outlier_gain
+    # Scale Q so the (offset-free) logits have the requested spread: the softmax temperature of
+    # a trained ViT, not a random one.
+    s = (q @ (k - k.mean(-2, keepdim=True)).transpose(-1, -2)) / math.sqrt(d)
+    std = s.std().item() if s.numel() > 1 else 1.0
+    q = q * (logit_std / std if std > 0 else 1.0)
+    k = k + k_offset * k.std() * torch.randn(1, h, 1, d, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype=dtype, device=device) for t in (q, k, v))
+
+
+@dataclass
+class Error:
+    cos: float
+    rel_l2: float
+
+    def __str__(self):
+        return f"cos={self.cos:.6f} rel_l2={self.rel_l2:.6f}"
+
+
+def error(out: torch.Tensor, ref: torch.Tensor) -> Error:
+    o = out.detach().double().flatten().cpu()
+    r = ref.detach().double().flatten().cpu()
+    rn = r.norm().item()
+    rel = (o - r).norm().item() / rn if rn > 0 else (o - r).norm().item()
+    on = o.norm().item()
+    cos = (o @ r).item() / (on * rn) if on > 0 and rn > 0 else float(on == rn)
+    return Error(cos, rel)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so an element a kernel forgot to write shows up."""
+    return t.fill_(float("nan"))
+
+
+def check_accuracy(out, emulated, ref, qk_bits: int, what: str = "backend"):
+    """Assert the DESIGN.md rule for ``out`` given the torch emulation ``emulated`` and the
+    float64 reference ``ref``. Returns (backend error, emulation error)."""
+    assert torch.isfinite(out).all(), f"{what}: output has NaN/inf (unwritten or overflowed elements)"
+    e, e_ref = error(out, ref), error(emulated, ref)
+    assert e.rel_l2 <= REL_SLACK * e_ref.rel_l2 + ABS_SLACK, \
+        f"{what}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
+    assert e.cos >= COS_FLOOR[qk_bits], f"{what}: cos {e.cos:.6f} below the int{qk_bits} floor {COS_FLOOR[qk_bits]}"
+    return e, e_ref
+
+
+def reference(q, k, v, **kw):
+    """Float64 output only (see :func:`raad_kernels.reference.attention_reference`)."""
+    return attention_reference(q, k, v, **kw)[0]
