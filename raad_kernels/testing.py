@@ -69,14 +69,17 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
-def check_accuracy(out, emulated, ref, qk_bits: int, what: str = "backend"):
+def check_accuracy(out, emulated, ref, qk_bits: int, what: str = "backend", floor: bool = True):
     """Assert the DESIGN.md rule for ``out`` given the torch emulation ``emulated`` and the
-    float64 reference ``ref``. Returns (backend error, emulation error)."""
+    float64 reference ``ref``. Returns (backend error, emulation error).
+
+    The cosine floors hold on realistic inputs; on adversarial ones (``floor=False``) only the
+    relative rule applies (the emulation itself may sit below the int2 floor there)."""
     assert torch.isfinite(out).all(), f"{what}: output has NaN/inf (unwritten or overflowed elements)"
     e, e_ref = error(out, ref), error(emulated, ref)
     assert e.rel_l2 <= REL_SLACK * e_ref.rel_l2 + ABS_SLACK, \
         f"{what}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
-    assert e.cos >= COS_FLOOR[qk_bits], f"{what}: cos {e.cos:.6f} below the int{qk_bits} floor {COS_FLOOR[qk_bits]}"
+    assert not floor or e.cos >= COS_FLOOR[qk_bits], f"{what}: cos {e.cos:.6f} below the int{qk_bits} floor {COS_FLOOR[qk_bits]}"
     return e, e_ref
 
 
