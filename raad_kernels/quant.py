@@ -9,14 +9,15 @@ Conventions, shared by all backends:
   bits  codes                       clipping
   ====  ==========================  ==========================================
   8     integers in [-127, 127]     row absmax
-  4     integers in [-7, 7]         min(absmax, a·rms), a searched per row
-  2     odd integers {-3,-1,1,3}    min(absmax, a·rms), a searched per row
+  4     integers in [-7, 7]         absmax or min(absmax, a·rms), searched per row
+  2     odd integers {-3,-1,1,3}    absmax or min(absmax, a·rms), searched per row
   ====  ==========================  ==========================================
 
   The int2 grid has no zero, so all four levels carry information; as integers the codes are
   odd, so ``code_q · code_k`` stays an exact integer dot product and the scale is half a step.
-* Low-bit clipping: the top level sits at ``a · rms(row)`` (never above the row's absmax); ``a``
-  is picked per row from :data:`CLIP_GRID` to minimise the row's squared quantization error.
+* Low-bit clipping: the top level sits at the row's absmax or at ``a · rms(row)`` (never above
+  the absmax) for ``a`` in :data:`CLIP_GRID`, whichever of these candidates gives the row the
+  least squared quantization error (the absmax first; ties keep the earlier candidate).
 * Rounding is round-half-to-even (``torch.round``, ``nearbyint``, ``rint``).
 * Packing (int4/int2 in memory): little-endian within a byte, element ``i`` at bit
   ``bits * (i % per_byte)``. int4 stores the two's-complement nibble; int2 stores
@@ -113,8 +114,8 @@ def _round_to_grid(y: torch.Tensor, bits: int) -> torch.Tensor:
 def token_scales(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row float32 scale for ``x`` (float32, rows on the last dim) at ``bits``.
 
-    8 bits: absmax / 127. 4 and 2 bits: the clipping multiple of the RMS from CLIP_GRID with the
-    least squared error (capped at the absmax). An all-zero row gets a positive scale (1, or the
+    8 bits: absmax / 127. 4 and 2 bits: of the absmax and the clipping multiples of the RMS in
+    CLIP_GRID (capped at the absmax), the one with the least squared error. An all-zero row gets a positive scale (1, or the
     smallest normal float at int2, whose grid has no zero) so nothing divides by zero.
     """
     x = x.float()
@@ -126,14 +127,15 @@ def token_scales(x: torch.Tensor, bits: int) -> torch.Tensor:
         rms = x.pow(2).mean(dim=-1).sqrt()
         best_err = None
         scale = None
-        for a in CLIP_GRID[bits]:
-            s = torch.minimum(a * rms, absmax) / qmax
+        clips = [absmax] + [torch.minimum(a * rms, absmax) for a in CLIP_GRID[bits]]
+        for clip in clips:
+            s = clip / qmax
             s_safe = torch.where(s > 0, s, torch.ones_like(s))
             err = (_round_to_grid(x / s_safe[..., None], bits) * s_safe[..., None] - x).pow(2).sum(-1)
             if best_err is None:
                 best_err, scale = err, s
             else:
-                better = err < best_err  # strict: ties keep the smaller multiple
+                better = err < best_err  # strict: ties keep the earlier candidate
                 best_err = torch.where(better, err, best_err)
                 scale = torch.where(better, s, scale)
     tiny = torch.finfo(torch.float32).tiny

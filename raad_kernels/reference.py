@@ -102,7 +102,10 @@ def chunked_attention(nq: int, shape, device, scores_fn: Callable, pv_fn: Callab
 
 
 def attention_reference(q, k, v, scale=None, attn_mask=None, return_maps=()):
-    """Exact attention in float64. Returns (out float64, maps dict of float32)."""
+    """Exact attention in float64. Returns (out float64, maps dict of float32).
+
+    ``return_maps``: names from MAP_NAMES, or True for all of them."""
+    return_maps = MAP_NAMES if return_maps is True else tuple(return_maps or ())
     q64, k64, v64 = q.double(), k.double(), v.double()
     b, h, nq, d = q.shape
     nk = k.shape[-2]

@@ -17,6 +17,8 @@ from .reference import attention_reference
 
 #: Minimum cosine similarity against float64, per Q·Kᵀ bit-width.
 COS_FLOOR = {8: 0.999, 4: 0.98, 2: 0.90}
+#: Minimum cosine similarity of each attention map against float64 (realistic inputs).
+MAP_COS_FLOOR = {8: 0.999, 4: 0.99, 2: 0.90}
 #: A backend may be this much worse than the torch emulation (plus ABS_SLACK).
 REL_SLACK = 1.25
 ABS_SLACK = 1e-4
@@ -81,6 +83,22 @@ def check_accuracy(out, emulated, ref, qk_bits: int, what: str = "backend", floo
         f"{what}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
     assert not floor or e.cos >= COS_FLOOR[qk_bits], f"{what}: cos {e.cos:.6f} below the int{qk_bits} floor {COS_FLOOR[qk_bits]}"
     return e, e_ref
+
+
+def check_maps(maps, emulated_maps, ref_maps, qk_bits: int, what: str = "backend", floor: bool = True):
+    """The same rule for each attention map: finite, float32, shaped like the reference, within
+    1.25× the emulation's error (+1e-4) and, on realistic inputs, above MAP_COS_FLOOR."""
+    assert set(maps) == set(ref_maps), f"{what}: maps {sorted(maps)} != requested {sorted(ref_maps)}"
+    for name, m in maps.items():
+        label = f"{what} map {name!r}"
+        assert m.dtype == torch.float32, f"{label}: dtype {m.dtype}, want float32"
+        assert m.shape == ref_maps[name].shape, f"{label}: shape {tuple(m.shape)} != {tuple(ref_maps[name].shape)}"
+        assert torch.isfinite(m).all(), f"{label}: NaN/inf"
+        e, e_ref = error(m, ref_maps[name]), error(emulated_maps[name], ref_maps[name])
+        assert e.rel_l2 <= REL_SLACK * e_ref.rel_l2 + ABS_SLACK, \
+            f"{label}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
+        assert not floor or e.cos >= MAP_COS_FLOOR[qk_bits], \
+            f"{label}: cos {e.cos:.6f} below {MAP_COS_FLOOR[qk_bits]}"
 
 
 def reference(q, k, v, **kw):
