@@ -95,6 +95,13 @@ class Build(BuildExtension):
     """Per-file ISA flags: BuildExtension compiles through one command per extension, so the
     ISA-specific sources are compiled into static objects by their own compile calls."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # Editable installs build in a fresh temp folder each time; a fixed one lets ninja reuse
+        # the objects of unchanged sources, so a rebuild after a small change is quick.
+        if getattr(self, "editable_mode", False):
+            self.build_temp = str(ROOT / "build" / "temp")
+
     def build_extensions(self):
         for ext in self.extensions:
             isa_objs = []

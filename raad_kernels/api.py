@@ -113,6 +113,14 @@ def quant_attention(q, k, v, qk_bits: int = 8, pv_bits: int = 8, scale: float | 
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     maps = _normalise_maps(return_maps)
 
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Training path: differentiable fake quantization of the same arithmetic (STE).
+        from . import fake_quant
+        out, got = fake_quant.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=float(scale),
+                                        attn_mask=attn_mask, smooth_k=smooth_k, rotate=rotate,
+                                        return_maps=maps)
+        return (out, got) if maps else out
+
     impl = dispatch.select(backend, q.device)
     out, got = impl.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=float(scale),
                               attn_mask=attn_mask, smooth_k=smooth_k, rotate=rotate,

@@ -1,4 +1,9 @@
-"""The ``triton`` backend: Triton JIT kernels (run on the CPU under TRITON_INTERPRET=1)."""
+"""The ``triton`` backend: Triton JIT kernels (run on the CPU under TRITON_INTERPRET=1).
+
+Modules: :mod:`.quantize` (fused smoothing / rotation / scales / packing, V per-channel
+quantization), :mod:`.flash` (flash forward with int8/int4/int2 Q·Kᵀ, int8 or 16-bit P·V,
+the ``cls``/``entropy`` maps in the same pass and ``received`` in a second streaming pass).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,36 @@ import torch
 
 import triton  # noqa: F401  ImportError here means: not built
 
+from ._common import INTERPRET
+
 
 def status():
     from ..dispatch import BackendStatus
-    return BackendStatus(True, False, "Triton kernels not written yet (issue 4)")
+    if INTERPRET:
+        return BackendStatus(True, True, f"Triton {triton.__version__} interpreter "
+                             "(TRITON_INTERPRET=1 when the kernels were imported): CPU tensors, "
+                             "correct but slow")
+    if torch.cuda.is_available():
+        return BackendStatus(True, True, f"Triton {triton.__version__} on CUDA "
+                             f"({torch.cuda.get_device_name()})")
+    return BackendStatus(True, False, f"Triton {triton.__version__} is installed but there is no "
+                         "CUDA GPU and TRITON_INTERPRET was not '1' when the kernels were imported")
 
 
 def supports(device: torch.device) -> bool:
+    device = torch.device(device)
+    if INTERPRET:  # the interpreter runs on host memory (it copies CUDA tensors over and back)
+        return device.type in ("cpu", "cuda")
     return device.type == "cuda"
 
 
-def attention(q, k, v, **kwargs):
-    raise NotImplementedError("the Triton kernels are not written yet (issue 4)")
+def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None,
+              smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None):
+    """Quantized attention on validated (B, H, N, D) inputs → (out in q.dtype, maps).
+    ``out``: optional preallocated (B, H, Nq, Dv) tensor of q's dtype to write into."""
+    if not supports(q.device):
+        raise ValueError(f"the triton backend cannot run tensors on device {q.device} "
+                         f"({status().reason})")
+    from .flash import forward
+    return forward(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=attn_mask,
+                   smooth_k=smooth_k, rotate=rotate, return_maps=return_maps, out=out)

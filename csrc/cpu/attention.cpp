@@ -1,0 +1,285 @@
+// Dispatcher of the CPU attention: plans the layouts, allocates the work buffers (all O(B·H·N),
+// never N×N), runs the three OpenMP phases on the kernels of the chosen ISA, reduces the
+// `received` partials. Compiled without ISA flags; it only calls ISA code through the kernel
+// tables, and only for an ISA the caller checked against raad::active_isa().
+#include "cpu/attention.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/attention_internal.h"
+
+namespace raad::cpu {
+namespace {
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+int next_pow2(int64_t d) {
+  int p = 1;
+  while (p < d) p <<= 1;
+  return p;
+}
+
+const Kernels& kernels_for(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Amx:
+    case CpuIsa::Avx512Vnni: return kernels_avx512();
+    case CpuIsa::Avx2: return kernels_avx2();
+    default: return kernels_portable();
+  }
+}
+
+Plan make_plan(const AttentionArgs& a, const Kernels& K) {
+  Plan p{};
+  p.B = a.B; p.H = a.H; p.BH = a.B * a.H; p.Nq = a.Nq; p.Nk = a.Nk; p.D = a.D; p.Dv = a.Dv;
+  p.bits = a.qk_bits; p.pv_bits = a.pv_bits; p.scale = a.scale;
+  p.smooth = a.smooth_k; p.rotate = a.rotate;
+  p.want_cls = a.cls != nullptr;
+  p.want_recv = a.received != nullptr;
+  p.want_ent = a.entropy != nullptr;
+  p.want_cache = p.want_cls || p.want_recv;
+  p.dp = a.rotate ? next_pow2(a.D) : int(a.D);
+  p.dpad = int(round_up(p.dp, p.bits == 8 ? 4 : (p.bits == 4 ? 8 : 16)));
+  p.kgroup = K.kgroup;
+  p.kchunk = K.kchunk;
+  p.dvp = int(round_up(a.Dv, K.dv_align));
+  p.nkp = round_up(a.Nk, K.kchunk);
+  p.nkb = ceil_div(a.Nk, kKeyBlock);
+  p.ntiles = ceil_div(a.Nq, kQueryTile);
+  p.kq_stride = round_up(p.nkp * p.dpad * p.bits / 8, 64);
+  p.v_stride = round_up(p.nkp * p.dvp, 64);
+  p.cache_row = p.nkb * kKeyBlock;
+
+  size_t off = 0;
+  auto take = [&off](size_t bytes) {
+    const size_t o = off;
+    off += (bytes + 63) / 64 * 64;
+    return o;
+  };
+  const size_t QT = kQueryTile;
+  const int64_t dmax = std::max<int64_t>({int64_t(p.dp), a.D, a.Dv});
+  p.off_qc = take(QT * p.dpad);
+  p.off_qa = take(QT * p.dpad);
+  p.off_rs = take(QT * 4);
+  p.off_qsum = take(QT * 4);
+  p.off_row = take(size_t(dmax + 16) * 4 + p.dpad + 64);
+  p.off_S = take(size_t(kRowGroup) * kKeyBlock * 4 + 256);
+  p.off_P = take(size_t(kKeyBlock) * 4 + 256);
+  p.off_bias = take(size_t(kKeyBlock) * 4);
+  p.off_outf = take(QT * p.dvp * 4);
+  p.off_m = take(QT * 4);
+  p.off_l = take(QT * 4);
+  p.off_t = take(QT * 4);
+  p.off_stamp = take(p.want_cache ? QT * p.nkb * 4 : 0);
+  p.off_cache = take(p.want_cache ? QT * p.cache_row * K.cache_elem_bytes : 0);
+  p.off_kun = take(size_t(kKeyBlock) * p.dpad);
+  // Phases A and B use the start of the same area (doubles + a row; a row + its codes).
+  const size_t stats_bytes = size_t(dmax) * 8 + size_t(dmax) * 4 + 64;
+  const size_t prep_bytes = size_t(dmax + 16) * 4 + p.dpad + 64;
+  p.scratch_bytes = std::max({off, stats_bytes, prep_bytes});
+  return p;
+}
+
+struct AlignedFree {
+  void operator()(void* ptr) const { std::free(ptr); }
+};
+using Buffer = std::unique_ptr<uint8_t, AlignedFree>;
+
+Buffer alloc(size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;
+  void* ptr = std::aligned_alloc(64, bytes ? bytes : 64);
+  if (!ptr) throw std::bad_alloc();
+  return Buffer(static_cast<uint8_t*>(ptr));
+}
+
+void run(const AttentionArgs& a, const Kernels& K) {
+  const Plan p = make_plan(a, K);
+  const int T = std::max(1, a.num_threads);
+
+  // Work buffers: quantized K and V of every (b, h), built once and shared by all query tiles.
+  Buffer kq = alloc(size_t(p.BH) * p.kq_stride);
+  Buffer ks = alloc(size_t(p.BH) * p.nkp * 4);
+  Buffer kmean = alloc(p.smooth ? size_t(p.BH) * p.D * 4 : 0);
+  Buffer vq, vcs, vh, vmean, vscale;
+  if (p.pv_bits == 8) {
+    vq = alloc(size_t(p.BH) * p.v_stride);
+    vcs = alloc(size_t(p.BH) * p.nkb * p.dvp * 4);
+    vmean = alloc(size_t(p.BH) * p.Dv * 4);
+    vscale = alloc(size_t(p.BH) * p.Dv * 4);
+  } else {
+    vh = alloc(size_t(p.BH) * p.v_stride * 4);
+  }
+
+  // Static share of the query tiles: slot s runs items [s·n/S, (s+1)·n/S) in order, so the
+  // received partials are summed in a fixed order (deterministic for a given thread count).
+  const int64_t items = p.BH * p.ntiles;
+  const int64_t S = std::min<int64_t>(T, items);
+  std::vector<int64_t> lo(S), hi(S), bh0(S), roff(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    lo[s] = items * s / S;
+    hi[s] = items * (s + 1) / S;
+    bh0[s] = lo[s] / p.ntiles;
+    const int64_t nbh = hi[s] > lo[s] ? (hi[s] - 1) / p.ntiles - bh0[s] + 1 : 0;
+    roff[s + 1] = roff[s] + nbh * p.Nk;
+  }
+  Buffer recv;
+  if (p.want_recv) {
+    recv = alloc(size_t(roff[S]) * 4);
+    std::memset(recv.get(), 0, size_t(roff[S]) * 4);
+  }
+  Buffer scratch = alloc(size_t(T) * p.scratch_bytes);
+
+  Work w{};
+  w.kq = kq.get();
+  w.ks = reinterpret_cast<float*>(ks.get());
+  w.kmean = reinterpret_cast<float*>(kmean.get());
+  w.vq = reinterpret_cast<int8_t*>(vq.get());
+  w.vcs = reinterpret_cast<int32_t*>(vcs.get());
+  w.vh = reinterpret_cast<float*>(vh.get());
+  w.vmean = reinterpret_cast<float*>(vmean.get());
+  w.vscale = reinterpret_cast<float*>(vscale.get());
+  w.recv = reinterpret_cast<float*>(recv.get());
+  w.recv_off = roff.data();
+  w.recv_bh0 = bh0.data();
+
+  const int64_t nprep = p.BH * p.nkb;
+#pragma omp parallel num_threads(T)
+  {
+    const int tid = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    uint8_t* scr = scratch.get() + size_t(tid) * p.scratch_bytes;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < p.BH; ++bh) K.stats(a, p, w, bh, scr);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nprep; ++it) K.prep(a, p, w, it / p.nkb, it % p.nkb, scr);
+    for (int64_t s = tid; s < S; s += nt)
+      for (int64_t it = lo[s]; it < hi[s]; ++it) K.tile(a, p, w, it / p.ntiles, it % p.ntiles, s, scr);
+  }
+
+  if (p.want_recv) {
+    const double inv = 1.0 / double(p.Nq);
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int64_t bh = 0; bh < p.BH; ++bh) {
+      float* dst = a.received + bh * p.Nk;
+      std::vector<const float*> parts;
+      for (int64_t s = 0; s < S; ++s) {
+        if (hi[s] <= lo[s]) continue;
+        const int64_t last = (hi[s] - 1) / p.ntiles;
+        if (bh >= bh0[s] && bh <= last) parts.push_back(w.recv + roff[s] + (bh - bh0[s]) * p.Nk);
+      }
+      for (int64_t j = 0; j < p.Nk; ++j) {
+        double acc = 0.0;
+        for (const float* part : parts) acc += double(part[j]);
+        dst[j] = float(acc * inv);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-check of a vector path against the portable one (run before AVX-512 is first trusted).
+// ---------------------------------------------------------------------------------------------
+
+double rel_diff(const std::vector<float>& x, const std::vector<float>& y) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double d = double(x[i]) - double(y[i]);
+    num += d * d;
+    den += double(y[i]) * double(y[i]);
+    if (!std::isfinite(x[i])) return 1e30;
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+std::string check_case(CpuIsa isa, int bits, int pvb, int64_t D, int64_t Nq, int64_t Nk, bool masked) {
+  const int64_t B = 1, H = 2, Dv = D;
+  std::mt19937 rng(1234 + bits * 7 + pvb + int(D));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> q(B * H * Nq * D), k(B * H * Nk * D), v(B * H * Nk * Dv);
+  for (auto& x : q) x = nd(rng) * 0.4f;
+  for (size_t i = 0; i < k.size(); ++i) k[i] = nd(rng) + 3.f * float((i % D) % 5 == 0);  // offset channels
+  for (auto& x : v) x = nd(rng);
+  std::vector<uint8_t> mask(Nq * Nk);
+  for (int64_t i = 0; i < Nq; ++i)
+    for (int64_t j = 0; j < Nk; ++j) mask[i * Nk + j] = uint8_t(i == 3 ? 0 : ((i + j) % 7 != 0));
+  auto view = [](const float* d, int64_t h, int64_t n, int64_t dim) {
+    View4 t;
+    t.data = d;
+    t.dtype = DType::F32;
+    t.stride[0] = h * n * dim; t.stride[1] = n * dim; t.stride[2] = dim; t.stride[3] = 1;
+    return t;
+  };
+  std::vector<float> out[2], cls[2], rec[2], ent[2];
+  for (int which = 0; which < 2; ++which) {
+    out[which].assign(B * H * Nq * Dv, NAN);
+    cls[which].assign(B * H * Nk, NAN);
+    rec[which].assign(B * H * Nk, NAN);
+    ent[which].assign(B * H * Nq, NAN);
+    AttentionArgs a;
+    a.q = view(q.data(), H, Nq, D);
+    a.k = view(k.data(), H, Nk, D);
+    a.v = view(v.data(), H, Nk, Dv);
+    if (masked) {
+      a.mask.data = mask.data();
+      a.mask.dtype = DType::Bool;
+      a.mask.stride[2] = Nk;
+      a.mask.stride[3] = 1;
+    }
+    a.out = out[which].data();
+    a.B = B; a.H = H; a.Nq = Nq; a.Nk = Nk; a.D = D; a.Dv = Dv;
+    a.qk_bits = bits; a.pv_bits = pvb;
+    a.scale = float(1.0 / std::sqrt(double(D)));
+    a.smooth_k = true;
+    a.rotate = bits < 8;
+    a.cls = cls[which].data();
+    a.received = rec[which].data();
+    a.entropy = ent[which].data();
+    a.num_threads = 1;
+    run(a, kernels_for(which == 0 ? CpuIsa::Portable : isa));
+  }
+  const double tol = 2e-3;
+  const double e[4] = {rel_diff(out[1], out[0]), rel_diff(cls[1], cls[0]), rel_diff(rec[1], rec[0]),
+                       rel_diff(ent[1], ent[0])};
+  const char* names[4] = {"out", "cls", "received", "entropy"};
+  for (int i = 0; i < 4; ++i)
+    if (!(e[i] <= tol))
+      return std::string(isa_name(isa)) + " kernels disagree with the portable ones (qk_bits=" +
+             std::to_string(bits) + ", pv_bits=" + std::to_string(pvb) + ", D=" + std::to_string(D) +
+             (masked ? ", masked" : "") + "): " + names[i] + " relative difference " + std::to_string(e[i]);
+  return "";
+}
+
+}  // namespace
+
+std::string self_check(CpuIsa isa) {
+  for (int bits : {8, 4, 2})
+    for (int pvb : {8, 16})
+      for (int64_t D : {int64_t(64), int64_t(40)}) {
+        std::string err = check_case(isa, bits, pvb, D, 37, 150, D == 40);
+        if (!err.empty()) return err;
+      }
+  return "";
+}
+
+CpuIsa kernel_isa(CpuIsa isa) {
+  if (isa == CpuIsa::Amx) isa = CpuIsa::Avx512Vnni;  // no AMX tile kernel: AVX-512 VNNI kernels
+  if (isa == CpuIsa::Avx512Vnni) {
+    static std::once_flag once;
+    static bool ok = true;
+    std::call_once(once, [] { ok = self_check(CpuIsa::Avx512Vnni).empty(); });
+    if (!ok) return CpuIsa::Avx2;
+  }
+  return isa;
+}
+
+void attention(const AttentionArgs& args, CpuIsa isa) { run(args, kernels_for(kernel_isa(isa))); }
+
+}  // namespace raad::cpu

@@ -1,0 +1,93 @@
+// Shared types of the CPU attention kernels (types and constants only: every function lives in an
+// anonymous namespace of its ISA's translation unit, so no code compiled with one ISA's flags can
+// be picked by the linker for another).
+//
+// Memory layouts (per (b, h)):
+//  * K codes, "blocked": groups of `kgroup` keys (8 for AVX2/portable, 16 for AVX-512); inside a
+//    group, for each step of 4 channels, `kgroup` × 4 bytes (key-major, then the 4 channels):
+//    the layout `vpdpbusd` and `vpmaddubsw` consume, so one vector holds kgroup keys × 4 channels.
+//      int8: one signed code per byte;
+//      int4: two's-complement nibbles, two steps per byte: steps 2s (low nibble) and 2s+1 (high);
+//      int2: (code + 3) / 2 in 2 bits, four steps per byte: step 4s+t at bits 2t.
+//    Same encodings as quant.pack (little-endian within the byte); the element order is blocked.
+//    The head dim is padded with zero codes to `dpad` (a multiple of 4, 8, 16 at 8, 4, 2 bits);
+//    keys are padded to `nkp` (scale 0, masked to -inf in the kernel).
+//  * K scales: float per key.
+//  * V (pv_bits = 8): int8 codes, quads of keys interleaved per channel: [nkp/4][dvp][4], so a
+//    vector is (channels × 4 keys) as `vpdpbusd`/`vpmaddubsw` want for P·V; padded with zeros.
+//    Per key block, `vcs` holds 128 × the column sums of the codes (the AVX2 kernel multiplies
+//    P - 128, a signed byte, and adds this back).
+//  * V (pv_bits = 16): the values rounded to the 16-bit operand type, stored as float [nkp][dvp].
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/attention.h"
+
+namespace raad::cpu {
+
+constexpr int kKeyBlock = 128;   // keys per online-softmax step (a multiple of 32)
+constexpr int kQueryTile = 32;   // queries per parallel work item (a multiple of kRowGroup)
+constexpr int kRowGroup = 4;     // query rows sharing each K vector in the Q·Kᵀ micro-kernel
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct Plan {
+  // problem
+  int64_t B, H, BH, Nq, Nk, D, Dv;
+  int bits, pv_bits;
+  float scale;
+  bool smooth, rotate;
+  bool want_cls, want_recv, want_ent, want_cache;
+  // layout
+  int dp;           // head dim after rotation padding (= D without rotation)
+  int dpad;         // dp padded for the K layout
+  int kgroup;       // keys per K group
+  int kchunk;       // keys per Q·Kᵀ chunk; nkp is a multiple of it
+  int dvp;          // Dv padded to the V vector width
+  int64_t nkp;      // keys padded
+  int64_t nkb;      // key blocks of kKeyBlock
+  int64_t ntiles;   // query tiles per (b, h)
+  int64_t kq_stride;  // bytes of K codes per (b, h)
+  int64_t v_stride;   // elements of V (bytes for int8 codes, floats for pv16) per (b, h)
+  int64_t cache_row;  // elements per row of the probability cache (nkb * kKeyBlock)
+  // per-thread scratch (byte offsets, 64-aligned)
+  size_t off_qc, off_qa, off_rs, off_qsum, off_row, off_S, off_P, off_bias, off_outf, off_m,
+      off_l, off_t, off_stamp, off_cache, off_kun, scratch_bytes;
+};
+
+struct Work {
+  uint8_t* kq;      // [BH][kq_stride]
+  float* ks;        // [BH][nkp]   K scales
+  float* kmean;     // [BH][D]     (smoothing)
+  int8_t* vq;       // [BH][v_stride]  pv8
+  int32_t* vcs;     // [BH][nkb][dvp]  pv8: 128 × column sums per key block
+  float* vh;        // [BH][v_stride]  pv16
+  float* vmean;     // [BH][Dv]
+  float* vscale;    // [BH][Dv]
+  // received: partial sums per "slot" (a static share of the query tiles) over the (b, h) range
+  // that slot touches; slot s covers (b, h) in [recv_bh0[s], ...) from float offset recv_off[s].
+  float* recv;
+  const int64_t* recv_off;
+  const int64_t* recv_bh0;
+};
+
+struct Kernels {
+  const char* name;
+  int kgroup, kchunk, dv_align;
+  int cache_elem_bytes;  // probability cache element: 2 (fp16) or 4 (fp32)
+  // Phase A: statistics of (b, h). scratch: per-thread area.
+  void (*stats)(const AttentionArgs&, const Plan&, const Work&, int64_t bh, uint8_t* scratch);
+  // Phase B: quantize keys [kb·kKeyBlock, ...) of (b, h) (K and V).
+  void (*prep)(const AttentionArgs&, const Plan&, const Work&, int64_t bh, int64_t kb,
+               uint8_t* scratch);
+  // Phase C: the fused kernel of query tile qt of (b, h); `slot` indexes the received partials.
+  void (*tile)(const AttentionArgs&, const Plan&, const Work&, int64_t bh, int64_t qt,
+               int64_t slot, uint8_t* scratch);
+};
+
+const Kernels& kernels_portable();
+const Kernels& kernels_avx2();
+const Kernels& kernels_avx512();
+
+}  // namespace raad::cpu

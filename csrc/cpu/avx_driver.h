@@ -1,0 +1,285 @@
+// The fused tile kernel shared by the AVX2 and AVX-512 translation units (each compiles it with
+// its own flags, in an anonymous namespace). The ISA supplies the two integer micro-kernels
+// (Q·Kᵀ for a group of kRowGroup query rows, and 8-bit P·V for one row); the online softmax
+// (fp32, base-2 polynomial exp), the P quantization, 16-bit P·V, the output and the maps are
+// written here once with AVX2/FMA/F16C intrinsics.
+//
+// Per (b, h, query tile of 32 rows):
+//   quantize the tile's Q rows (smoothing is K-only; rotation; per-token scale; codes);
+//   for each key block of 128 keys:
+//     for each group of 4 rows:  scores = codes_q · codes_kᵀ (int32) · s_q s_k · scale · log2 e
+//       for each row: mask / padding → running max → α = 2^(m_old - m_new) → p = 2^(u - m)
+//                     → l, entropy sum, P codes (round(255 p)) or 16-bit p → P·V into the
+//                     fp32 row accumulator (rescaled by α) → probability cache (maps only);
+//   finish: out = acc · (vscale/255) / l + mean (8-bit P·V) or acc / l, in the input dtype;
+//           entropy = ln l − ln 2 · Σ p (u − m) / l; cls / received from the cache and the
+//           saved per-block maxima (p · 2^(m_block − m) / l), never an N×N buffer.
+#pragma once
+#include <immintrin.h>
+
+#include "cpu/quantize.h"
+
+namespace raad::cpu {
+namespace {
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// 2^x for x <= 0 (x = -inf → 0; NaN propagates). Round-to-nearest split, degree-5 polynomial on
+// [-1/2, 1/2] (relative error 2e-7); 2^n built in the exponent bits, which are 0 for n = -127.
+inline __m256 exp2_ps(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 y = _mm256_set1_ps(0.0013216948f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.0096667539f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.0555083379f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.2402231842f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931469440f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Round to the 16-bit P·V operand type and back (fp16 via F16C, bf16 by integer RNE; p >= 0).
+template <int PV>
+inline __m256 round16_ps(__m256 p) {
+  if constexpr (PV == 1) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    __m256i u = _mm256_castps_si256(p);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(int(0xffff0000u))));
+  }
+}
+
+struct RowState {
+  float* m;
+  float* l;
+  float* t;
+};
+
+// One row of one key block: S[0..n32) scores in log2 units (-inf for masked and padded keys).
+// Updates the running max m, sum l and entropy sum t; writes the P codes (PV = 0: u8 round(255 p);
+// PV = 1/2: floats rounded to fp16/bf16), the fp16 probability cache and the block's max stamp.
+// Returns false (and writes nothing to P·V) while every key of the row so far is masked.
+template <bool ENT, bool CACHE, int PV>
+inline bool softmax_row(const float* S, int n32, float& m, float& l, float& t, uint8_t* P8, float* Pf,
+                        uint16_t* cache, float* stamp, float& alpha_out) {
+  __m256 mx = _mm256_set1_ps(-inf_());
+  for (int j = 0; j < n32; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(S + j));
+  const float mnew = maxf_(m, hmax8(mx));
+  if (mnew == -inf_()) {
+    if constexpr (CACHE) {
+      *stamp = -inf_();
+      for (int j = 0; j < n32; ++j) cache[j] = 0;
+    }
+    return false;
+  }
+  const float alpha = __builtin_exp2f(m - mnew);
+  if constexpr (ENT) {
+    if (l > 0.f) t = alpha * (t + l * (m - mnew));
+  }
+  const __m256 vm = _mm256_set1_ps(mnew);
+  const __m256 k255 = _mm256_set1_ps(255.f);
+  const __m256 floor_d = _mm256_set1_ps(-150.f);
+  __m256 lsum = _mm256_setzero_ps(), tsum = _mm256_setzero_ps();
+  for (int j = 0; j < n32; j += 32) {
+    __m256 p[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(S + j + 8 * u), vm);
+      p[u] = exp2_ps(d);
+      lsum = _mm256_add_ps(lsum, p[u]);
+      if constexpr (ENT) tsum = _mm256_fmadd_ps(p[u], _mm256_max_ps(d, floor_d), tsum);
+      if constexpr (CACHE)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cache + j + 8 * u),
+                         _mm256_cvtps_ph(p[u], _MM_FROUND_TO_NEAREST_INT));
+      if constexpr (PV != 0) _mm256_storeu_ps(Pf + j + 8 * u, round16_ps<PV>(p[u]));
+    }
+    if constexpr (PV == 0) {
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(p[0], k255));  // round half to even
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(p[1], k255));
+      const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(p[2], k255));
+      const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(p[3], k255));
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(P8 + j),
+                          _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+  }
+  l = l * alpha + hsum8(lsum);
+  if constexpr (ENT) t += hsum8(tsum);
+  m = mnew;
+  if constexpr (CACHE) *stamp = mnew;
+  alpha_out = alpha;
+  return true;
+}
+
+using SoftmaxFn = bool (*)(const float*, int, float&, float&, float&, uint8_t*, float*, uint16_t*, float*, float&);
+
+template <bool ENT, bool CACHE>
+SoftmaxFn softmax_for_pv(int pv) {
+  return pv == 0 ? softmax_row<ENT, CACHE, 0> : (pv == 1 ? softmax_row<ENT, CACHE, 1> : softmax_row<ENT, CACHE, 2>);
+}
+
+inline SoftmaxFn pick_softmax(bool ent, bool cache, int pv) {
+  if (ent) return cache ? softmax_for_pv<true, true>(pv) : softmax_for_pv<true, false>(pv);
+  return cache ? softmax_for_pv<false, true>(pv) : softmax_for_pv<false, false>(pv);
+}
+
+// 16-bit P·V in fp32 FMA: o = α·o + Σ_j P[j] · V[j, :] for NV vectors of 8 channels.
+template <int NV>
+inline void pv16_chunk(const float* P, int n, const float* v, int64_t stride, float* o, float alpha) {
+  __m256 acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m256 pb = _mm256_broadcast_ss(P + j);
+    const float* vr = v + j * stride;
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(pb, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+  }
+  const __m256 al = _mm256_set1_ps(alpha);
+  for (int c = 0; c < NV; ++c)
+    _mm256_storeu_ps(o + 8 * c, _mm256_fmadd_ps(_mm256_loadu_ps(o + 8 * c), al, acc[c]));
+}
+
+inline void pv16_row(const float* P, int n, const float* v, int dvp, float* o, float alpha) {
+  for (int c0 = 0; c0 < dvp; c0 += 64) {
+    const int nv = (dvp - c0) / 8 < 8 ? (dvp - c0) / 8 : 8;
+    switch (nv) {
+      case 1: pv16_chunk<1>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 2: pv16_chunk<2>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 3: pv16_chunk<3>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 4: pv16_chunk<4>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 5: pv16_chunk<5>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 6: pv16_chunk<6>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 7: pv16_chunk<7>(P, n, v + c0, dvp, o + c0, alpha); break;
+      default: pv16_chunk<8>(P, n, v + c0, dvp, o + c0, alpha); break;
+    }
+  }
+}
+
+// The fused kernel of one (b, h, query tile). ISA provides:
+//   kGroup, kChunk (keys per Q·Kᵀ chunk), kNeedAbs (wants |q| codes),
+//   qk(plan, qc, qa, rs, qsum, kblock, nchunks, kscale, S): S[r·kKeyBlock + j] for 4 rows,
+//   pv8(plan, P8, nquads, vblock, vcs_block, o, alpha): o = α·o + Σ P·V (integer).
+template <class ISA>
+void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, int64_t qt, int64_t slot,
+              uint8_t* scr) {
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t i0 = qt * kQueryTile;
+  const int nr = int(min64_(kQueryTile, p.Nq - i0));
+  const int ng = (nr + kRowGroup - 1) / kRowGroup;
+  int8_t* qc = reinterpret_cast<int8_t*>(scr + p.off_qc);
+  int8_t* qa = reinterpret_cast<int8_t*>(scr + p.off_qa);
+  float* rs = reinterpret_cast<float*>(scr + p.off_rs);
+  int32_t* qsum = reinterpret_cast<int32_t*>(scr + p.off_qsum);
+  float* row = reinterpret_cast<float*>(scr + p.off_row);
+  float* S = reinterpret_cast<float*>(scr + p.off_S);
+  uint8_t* P8 = scr + p.off_P;
+  float* Pf = reinterpret_cast<float*>(scr + p.off_P);
+  float* bias = reinterpret_cast<float*>(scr + p.off_bias);
+  float* outf = reinterpret_cast<float*>(scr + p.off_outf);
+  float* M = reinterpret_cast<float*>(scr + p.off_m);
+  float* L = reinterpret_cast<float*>(scr + p.off_l);
+  float* T = reinterpret_cast<float*>(scr + p.off_t);
+  float* stamp = reinterpret_cast<float*>(scr + p.off_stamp);
+  uint16_t* cache = reinterpret_cast<uint16_t*>(scr + p.off_cache);
+
+  prepare_q_tile(a, p, b, h, i0, nr, ng * kRowGroup, row, qc, ISA::kNeedAbs ? qa : nullptr, rs, qsum);
+  for (int r = 0; r < nr; ++r) {
+    M[r] = -inf_();
+    L[r] = 0.f;
+    T[r] = 0.f;
+    for (int c = 0; c < p.dvp; ++c) outf[int64_t(r) * p.dvp + c] = 0.f;
+  }
+
+  const int pvmode = p.pv_bits == 8 ? 0 : (a.q.dtype == DType::BF16 ? 2 : 1);
+  const SoftmaxFn softmax = pick_softmax(p.want_ent, p.want_cache, pvmode);
+  const uint8_t* kbh = w.kq + bh * p.kq_stride;
+  const float* ks = w.ks + bh * p.nkp;
+  const int64_t gbytes = k_group_bytes(p);
+  for (int64_t kb = 0; kb < p.nkb; ++kb) {
+    const int64_t j0 = kb * kKeyBlock;
+    const int nv = int(min64_(kKeyBlock, p.Nk - j0));
+    const int nch = (nv + ISA::kChunk - 1) / ISA::kChunk;
+    const int n32 = (nch * ISA::kChunk + 31) / 32 * 32;
+    const int nquads = (nv + 3) / 4;
+    const uint8_t* kblk = kbh + (j0 / ISA::kGroup) * gbytes;
+    for (int g = 0; g < ng; ++g) {
+      const int r0 = g * kRowGroup;
+      ISA::qk(p, qc + int64_t(r0) * p.dpad, qa + int64_t(r0) * p.dpad, rs + r0, qsum + r0, kblk, nch, ks + j0, S);
+      for (int rr = 0; rr < kRowGroup && r0 + rr < nr; ++rr) {
+        const int r = r0 + rr;
+        float* Sr = S + rr * kKeyBlock;
+        for (int jj = nv; jj < n32; ++jj) Sr[jj] = -inf_();
+        if (a.mask.data) {
+          load_bias_log2(a.mask, b, h, i0 + r, j0, nv, bias);
+          for (int jj = 0; jj < nv; ++jj) Sr[jj] += bias[jj];
+        }
+        float alpha;
+        if (!softmax(Sr, n32, M[r], L[r], T[r], P8, Pf, cache + int64_t(r) * p.cache_row + j0,
+                     stamp + int64_t(r) * p.nkb + kb, alpha))
+          continue;
+        float* o = outf + int64_t(r) * p.dvp;
+        if (p.pv_bits == 8)
+          ISA::pv8(p, P8, nquads, w.vq + bh * p.v_stride + (j0 >> 2) * p.dvp * 4,
+                   w.vcs + (bh * p.nkb + kb) * p.dvp, o, alpha);
+        else
+          pv16_row(Pf, nv, w.vh + bh * p.v_stride + j0 * p.dvp, p.dvp, o, alpha);
+      }
+    }
+  }
+
+  for (int r = 0; r < nr; ++r) {
+    finish_row(a, p, w, bh, i0 + r, outf + int64_t(r) * p.dvp, L[r], row);
+    if (p.want_ent) a.entropy[bh * p.Nq + i0 + r] = entropy_of(L[r], T[r]);
+  }
+  if (!p.want_cache) return;
+  // Maps from the fp16 probability cache: normalised p = cache · 2^(stamp − m) / l.
+  float* rec = p.want_recv ? received_row(p, w, slot, bh) : nullptr;
+  float* cls = (p.want_cls && qt == 0) ? a.cls + bh * p.Nk : nullptr;
+  float f[kQueryTile];
+  for (int64_t kb = 0; kb < p.nkb; ++kb) {
+    const int64_t j0 = kb * kKeyBlock;
+    const int nv = int(min64_(kKeyBlock, p.Nk - j0));
+    for (int r = 0; r < nr; ++r) {
+      const float st = stamp[int64_t(r) * p.nkb + kb];
+      f[r] = (L[r] > 0.f && st != -inf_()) ? __builtin_exp2f(st - M[r]) / L[r] : 0.f;
+    }
+    const uint16_t* c0 = cache + j0;
+    if (rec) {
+      float* dst = rec + j0;
+      int jj = 0;
+      for (; jj + 8 <= nv; jj += 8) {
+        __m256 acc = _mm256_loadu_ps(dst + jj);
+        for (int r = 0; r < nr; ++r) {
+          const __m256 pv = _mm256_cvtph_ps(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + int64_t(r) * p.cache_row + jj)));
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(f[r]), pv, acc);
+        }
+        _mm256_storeu_ps(dst + jj, acc);
+      }
+      for (; jj < nv; ++jj) {
+        float acc = dst[jj];
+        for (int r = 0; r < nr; ++r) acc += f[r] * f16_to_f32(c0[int64_t(r) * p.cache_row + jj]);
+        dst[jj] = acc;
+      }
+    }
+    if (cls)
+      for (int jj = 0; jj < nv; ++jj) cls[j0 + jj] = f[0] * f16_to_f32(c0[jj]);
+  }
+}
+
+}  // namespace
+}  // namespace raad::cpu

@@ -1,0 +1,205 @@
+"""Bit plans: which attention module runs at which bits (DESIGN.md, "Plan file").
+
+File format, version 1::
+
+    {"version": 1, "avg_bits": 4.0,
+     "layers": {"student.blocks.0.attn": {"qk_bits": 2, "pv_bits": 8, "score": 0.12}, ...}}
+
+``layers`` maps a module name (as ``model.named_modules()`` spells it) to its bits; ``score``
+(HQS) and ``avg_bits`` are optional and carried along untouched. ``qk_bits`` is 2, 4, 8, or 16
+(float); ``pv_bits`` is 8 or 16; ``qk_bits=16`` needs ``pv_bits=16`` (16/16 = the float module).
+
+:func:`quantize_model <raad_kernels.quantize_model>` also takes the plan in short forms, which
+:func:`layer_bits` reads: a flat dict ``{name: bits}`` where ``bits`` is an int (``qk_bits``; P·V
+then runs at 8, or 16 with 16), a ``(qk_bits, pv_bits)`` pair or a ``{"qk_bits", "pv_bits"}``
+dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+
+PLAN_VERSION = 1
+MODULE_QK_BITS = (2, 4, 8, 16)
+MODULE_PV_BITS = (8, 16)
+TOP_KEYS = ("version", "avg_bits", "layers")
+LAYER_KEYS = ("qk_bits", "pv_bits", "score")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or applied; the message names the source and the key."""
+
+
+def _where(source) -> str:
+    return f"plan {source}" if source else "plan"
+
+
+def default_pv_bits(qk_bits: int) -> int:
+    return 16 if qk_bits == 16 else 8
+
+
+def check_bits(qk_bits, pv_bits, where: str = "") -> tuple[int, int]:
+    """Validate one module's bits; returns them as ints. Raises :class:`PlanError`."""
+    pre = f"{where}: " if where else ""
+    for name, val, allowed in (("qk_bits", qk_bits, MODULE_QK_BITS), ("pv_bits", pv_bits, MODULE_PV_BITS)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise PlanError(f"{pre}{name} must be an int, one of {allowed}; got {val!r}")
+        if val not in allowed:
+            raise PlanError(f"{pre}{name} must be one of {allowed}, got {val}")
+    if qk_bits == 16 and pv_bits != 16:
+        raise PlanError(f"{pre}qk_bits=16 (float) needs pv_bits=16, got pv_bits={pv_bits}")
+    return qk_bits, pv_bits
+
+
+def parse_bits(spec, where: str = "") -> tuple[int, int]:
+    """One module's bits from an int, a (qk, pv) pair or a {"qk_bits", "pv_bits"} dict."""
+    pre = f"{where}: " if where else ""
+    if isinstance(spec, Mapping):
+        extra = sorted(set(spec) - set(LAYER_KEYS))
+        if extra:
+            raise PlanError(f"{pre}unknown key(s) {extra}; allowed: {list(LAYER_KEYS)}")
+        if "qk_bits" not in spec:
+            raise PlanError(f"{pre}missing 'qk_bits' (one of {MODULE_QK_BITS})")
+        qk = spec["qk_bits"]
+        pv = spec.get("pv_bits", default_pv_bits(qk) if isinstance(qk, int) else None)
+        if "score" in spec:
+            s = spec["score"]
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
+                raise PlanError(f"{pre}score must be a number or null, got {s!r}")
+        return check_bits(qk, pv, where)
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise PlanError(f"{pre}a bits pair must be (qk_bits, pv_bits), got {spec!r}")
+        return check_bits(spec[0], spec[1], where)
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return check_bits(spec, default_pv_bits(spec), where)
+    raise PlanError(f"{pre}bits must be an int in {MODULE_QK_BITS}, a (qk_bits, pv_bits) pair or a "
+                    f"{{'qk_bits', 'pv_bits'}} dict; got {spec!r}")
+
+
+def validate(plan: Mapping, source=None) -> dict:
+    """Check a plan dict in the file format; returns a normalised copy (ints as ints)."""
+    where = _where(source)
+    if not isinstance(plan, Mapping):
+        raise PlanError(f"{where}: must be a JSON object with keys {list(TOP_KEYS)}, got {type(plan).__name__}")
+    extra = sorted(set(plan) - set(TOP_KEYS))
+    if extra:
+        raise PlanError(f"{where}: unknown top-level key(s) {extra}; allowed: {list(TOP_KEYS)}")
+    if "version" not in plan:
+        raise PlanError(f"{where}: missing 'version' (expected {PLAN_VERSION})")
+    if plan["version"] != PLAN_VERSION or isinstance(plan["version"], bool):
+        raise PlanError(f"{where}: version must be {PLAN_VERSION}, got {plan['version']!r}")
+    out: dict = {"version": PLAN_VERSION}
+    if plan.get("avg_bits") is not None:
+        ab = plan["avg_bits"]
+        if isinstance(ab, bool) or not isinstance(ab, (int, float)) or not math.isfinite(ab) or ab <= 0:
+            raise PlanError(f"{where}: avg_bits must be a positive number, got {ab!r}")
+        out["avg_bits"] = float(ab)
+    if "layers" not in plan:
+        raise PlanError(f"{where}: missing 'layers' (an object: module name -> "
+                        "{'qk_bits': ..., 'pv_bits': ..., 'score': ...})")
+    layers = plan["layers"]
+    if not isinstance(layers, Mapping):
+        raise PlanError(f"{where}: 'layers' must be an object (module name -> bits), got {type(layers).__name__}")
+    out["layers"] = {}
+    for name, entry in layers.items():
+        key = f"{where}: layers[{name!r}]"
+        if not isinstance(name, str):
+            raise PlanError(f"{key}: module names must be strings")
+        if not isinstance(entry, Mapping):
+            raise PlanError(f"{key} must be an object with keys {list(LAYER_KEYS)}, got {entry!r}")
+        if "pv_bits" not in entry:
+            raise PlanError(f"{key}: missing 'pv_bits' (one of {MODULE_PV_BITS})")
+        qk, pv = parse_bits(entry, key)
+        e = {"qk_bits": qk, "pv_bits": pv}
+        if entry.get("score") is not None:
+            e["score"] = float(entry["score"])
+        out["layers"][name] = e
+    return out
+
+
+def is_file_format(plan) -> bool:
+    return isinstance(plan, Mapping) and ("layers" in plan or "version" in plan)
+
+
+def load_plan(source) -> dict:
+    """Read and validate a plan: a path to a JSON file, or a dict (file format or the flat
+    ``{name: bits}`` form). Returns the file-format dict."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"plan file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return validate(data, path)
+    if is_file_format(source):
+        return validate(source)
+    if isinstance(source, Mapping):
+        layers = {}
+        for name, spec in source.items():
+            if not isinstance(name, str):
+                raise PlanError(f"plan: module names must be strings, got {name!r}")
+            qk, pv = parse_bits(spec, f"plan[{name!r}]")
+            layers[name] = {"qk_bits": qk, "pv_bits": pv}
+            if isinstance(spec, Mapping) and spec.get("score") is not None:
+                layers[name]["score"] = float(spec["score"])
+        return {"version": PLAN_VERSION, "layers": layers}
+    raise TypeError(f"a plan must be a path to a JSON file or a dict, got {type(source).__name__}")
+
+
+def layer_bits(source) -> dict[str, tuple[int, int]]:
+    """``{module name: (qk_bits, pv_bits)}`` from any plan :func:`load_plan` reads."""
+    return {n: (e["qk_bits"], e["pv_bits"]) for n, e in load_plan(source)["layers"].items()}
+
+
+def save_plan(plan, path, *, avg_bits: float | None = None) -> str:
+    """Write a plan (file-format dict, flat dict, or a model/report with ``raad_report``) as
+    JSON, atomically (temporary file in the same folder, then ``os.replace``). Returns the path."""
+    report = getattr(plan, "raad_report", plan)
+    if hasattr(report, "plan") and callable(report.plan):
+        plan = report.plan()
+    data = load_plan(plan)
+    if avg_bits is not None:
+        data["avg_bits"] = float(avg_bits)
+    data = validate({k: data[k] for k in TOP_KEYS if k in data})
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def nearest_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Closest module names to ``name`` (difflib), for error messages."""
+    cands = list(candidates)
+    close = difflib.get_close_matches(name, cands, n=n, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(name, cands, n=n, cutoff=0.0)
+    return close
+
+
+def unknown_name_error(name: str, attention_names: Iterable[str], all_names: Iterable[str], source=None) -> PlanError:
+    att = list(attention_names)
+    near = nearest_names(name, att) or nearest_names(name, all_names)
+    hint = ", ".join(near) if near else "(the model has no attention module this package can swap)"
+    return PlanError(f"{_where(source)}: names module {name!r}, which the model does not have; "
+                     f"nearest names: {hint}")
