@@ -73,9 +73,12 @@ except ImportError:
     _fail("PyTorch must be installed first, and the build run without isolation:\n"
           "    pip install torch && pip install --no-build-isolation .")
 
-if not (os.environ.get("CXX") and shutil.which(os.environ["CXX"].split()[0])) and \
-        not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-    _fail("no C++ compiler found (looked for $CXX, c++, g++, clang++). Install one, e.g.\n"
+_cxx = os.environ.get("CXX", "").split()
+if _cxx and not shutil.which(_cxx[0]):
+    _fail(f"the C++ compiler named by CXX={os.environ['CXX']!r} was not found. Point CXX at an "
+          "installed compiler (or unset it) and run the install again.")
+if not _cxx and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    _fail("no C++ compiler found (looked for c++, g++, clang++). Install one, e.g.\n"
           "    apt-get install g++        # Debian/Ubuntu\n"
           "and run the install again.")
 

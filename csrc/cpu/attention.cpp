@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/attention_internal.h"
+#include "cpu/quantize.h"  // portable copies of the layout decoders (test hook only)
 
 namespace raad::cpu {
 namespace {
@@ -281,5 +282,39 @@ CpuIsa kernel_isa(CpuIsa isa) {
 }
 
 void attention(const AttentionArgs& args, CpuIsa isa) { run(args, kernels_for(kernel_isa(isa))); }
+
+int64_t padded_head_dim(int64_t D, bool rotate) { return rotate ? next_pow2(D) : D; }
+
+void quantize_qk_debug(const AttentionArgs& a, CpuIsa isa, int8_t* q_codes, float* q_scale, int8_t* k_codes,
+                       float* k_scale) {
+  const Kernels& K = kernels_for(kernel_isa(isa));
+  AttentionArgs args = a;
+  args.pv_bits = 16;  // V is not needed: the cheap path
+  const Plan p = make_plan(args, K);
+  Buffer kq = alloc(size_t(p.BH) * p.kq_stride);
+  Buffer ks = alloc(size_t(p.BH) * p.nkp * 4);
+  Buffer kmean = alloc(p.smooth ? size_t(p.BH) * p.D * 4 : 0);
+  Buffer vh = alloc(size_t(p.BH) * p.v_stride * 4);
+  Buffer scratch = alloc(p.scratch_bytes);
+  Work w{};
+  w.kq = kq.get();
+  w.ks = reinterpret_cast<float*>(ks.get());
+  w.kmean = reinterpret_cast<float*>(kmean.get());
+  w.vh = reinterpret_cast<float*>(vh.get());
+  for (int64_t bh = 0; bh < p.BH; ++bh) {
+    K.stats(args, p, w, bh, scratch.get());
+    for (int64_t kb = 0; kb < p.nkb; ++kb) K.prep(args, p, w, bh, kb, scratch.get());
+    for (int64_t j = 0; j < p.Nk; ++j) {
+      k_scale[bh * p.Nk + j] = w.ks[bh * p.nkp + j];
+      for (int c = 0; c < p.dp; ++c) k_codes[(bh * p.Nk + j) * p.dp + c] = int8_t(k_code(w.kq + bh * p.kq_stride, p, j, c));
+    }
+    float* row = reinterpret_cast<float*>(scratch.get());
+    std::vector<int8_t> codes(p.dpad);
+    for (int64_t i = 0; i < p.Nq; ++i) {
+      q_scale[bh * p.Nq + i] = prepare_qk_row(args.q, p, bh / p.H, bh % p.H, i, nullptr, row, codes.data());
+      std::memcpy(q_codes + (bh * p.Nq + i) * p.dp, codes.data(), p.dp);
+    }
+  }
+}
 
 }  // namespace raad::cpu

@@ -79,8 +79,13 @@ bool request_amx_permission() {
 #endif
 }
 
+CpuIsa best_isa() {
+  static const CpuIsa best = best_isa(cpu_features());
+  return best;
+}
+
 CpuIsa active_isa() {
-  CpuIsa best = best_isa(cpu_features());
+  CpuIsa best = best_isa();
   const char* env = std::getenv("RAAD_CPU_ISA");
   if (env == nullptr || *env == '\0') return best;
   CpuIsa want = best;

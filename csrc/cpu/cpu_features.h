@@ -18,6 +18,8 @@ const CpuFeatures& cpu_features();
 // Best ISA the CPU supports, capped by the environment variable RAAD_CPU_ISA
 // ("portable", "avx2", "avx512", "amx") when set; used to force and test the slower paths.
 CpuIsa active_isa();
+// Best ISA the CPU (and OS) support, ignoring RAAD_CPU_ISA.
+CpuIsa best_isa();
 const char* isa_name(CpuIsa isa);
 // Linux needs AMX tile data permission requested per process (arch_prctl); true when granted.
 bool request_amx_permission();
