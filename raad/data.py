@@ -665,13 +665,15 @@ def convert_visa(visa_root: str | os.PathLike, out_root: str | os.PathLike,
             tmp = Path(tempfile.mkdtemp(prefix=f".{obj}.tmp-", dir=out_root))
             temps[obj] = tmp
             n = {"train/good": 0, "test/good": 0, "test/bad": 0}
-            lines: dict[str, int] = {}
+            origin: dict[str, tuple[int, Path]] = {}   # converted file -> (CSV line, source)
             for line, src, dst, mask_src in plans[obj]:
                 target = tmp / dst
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, target)
                 n[dst.rsplit("/", 1)[0]] += 1
-                lines[dst] = lines[f"ground_truth/bad/{src.stem}_mask.png"] = line
+                origin[dst] = (line, src)
+                if mask_src is not None:
+                    origin[f"ground_truth/bad/{src.stem}_mask.png"] = (line, mask_src)
                 if mask_src is None:
                     continue
                 mim, err = _decode(mask_src)
@@ -693,11 +695,13 @@ def convert_visa(visa_root: str | os.PathLike, out_root: str | os.PathLike,
                     validate(tmp)
                 except DataError as e:
                     for p, msg in e.problems:
-                        rel = p.relative_to(tmp) if p is not None else Path()
-                        src_line = lines.get(rel.as_posix())
-                        origin = f"{where} line {src_line}" if src_line else where
-                        problems.append((out_root / obj / rel,
-                                         f"{msg} (converted from {origin})"))
+                        rel = (p.relative_to(tmp) if p is not None else Path()).as_posix()
+                        if rel in origin:
+                            line, src = origin[rel]
+                            problems.append((src, f"{where} line {line}: {msg} (converted to "
+                                                  f"{obj}/{rel})"))
+                        else:
+                            problems.append((out_root / obj / rel, f"{msg} (after conversion)"))
         if problems:
             raise DataError(problems, root=visa_root)
         for obj in names:
@@ -1225,7 +1229,7 @@ def synth_sample(category: str, split: str, defect: str, index: int, *, seed: in
     mask = np.zeros((S, S), dtype=bool)
     if defect != GOOD and apply_defect:
         support = support_fn(P, S) if support_fn is not None else None
-        min_px = max(6, int(0.0005 * S * S))
+        min_px = max(8, int(0.001 * S * S))
         for _ in range(20):   # redraw (from the defect stream) a defect that changed too little
             if defect in _PARAM_DEFECTS:
                 out = render(_PARAM_DEFECTS[defect](P, drng, S), S)

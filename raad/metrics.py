@@ -12,9 +12,16 @@ Conventions
   anomalous; FPR = fraction of all defect-free pixels of all test images (normal and anomalous
   ones) predicted anomalous. The PRO-over-FPR curve through every distinct threshold, starting at
   (0, 0), is integrated with the trapezoid rule up to FPR 0.3 (the last segment linearly
-  interpolated at 0.3) and divided by 0.3. One sort of all pixels gives the whole curve
-  (cumulative sums; one point per distinct score), as in the MVTec reference code.
+  interpolated at 0.3) and divided by 0.3, as in the MVTec AD reference code.
 - **F1-max**: the largest F1 over all thresholds (``2PR / (P + R)``, 0 where P + R = 0).
+
+Computation: image-level metrics use scikit-learn (``roc_auc_score``, ``precision_recall_curve``).
+Pixel-level metrics (pixel AUROC, pixel F1-max, AU-PRO) come from one sort of all pixels by
+score: cumulative true/false-positive counts and per-region coverage at the end of each group of
+equal scores give every point of the ROC, PR and PRO curves (the same values scikit-learn gives,
+which the tests check). :func:`compute_metrics` sorts once and reuses the order for every
+per-defect block (selecting a subset keeps the order). Cost: one ``argsort`` of all pixels, about
+20 bytes of memory per pixel.
 
 Degenerate cases return ``nan`` (never an exception): AUROC with only one class (no defects or
 no normals); AU-PRO without any defect region or without any defect-free pixel; F1-max without
@@ -130,14 +137,100 @@ def f1_max(scores, labels) -> float:
     return _f1max(*_scores_labels(scores, labels))
 
 
+class _PixelSweep:
+    """All pixels of a set of images sorted once by decreasing score; the pixel metrics of any
+    subset of the images come from one pass over the selected pixels (selection keeps the order,
+    so per-defect blocks need no new sort). Per distinct score (the end of each group of equal
+    scores) the cumulative true/false positive counts and PRO give every curve point at once.
+    """
+
+    def __init__(self, maps: list[np.ndarray], masks: list[np.ndarray]):
+        self.n_images = len(maps)
+        region_size, self.n_regions = [], np.zeros(len(masks), dtype=np.int64)
+        for i, g in enumerate(masks):
+            lab, k = ndimage.label(g, structure=_EIGHT)
+            self.n_regions[i] = k
+            sizes = np.bincount(lab.ravel()).astype(np.int64)
+            sizes[0] = 0
+            region_size.append(sizes[lab.ravel()].astype(np.int32 if g.size < 2**31 else np.int64))
+        s, g = _flat(maps, masks)
+        img = np.repeat(np.arange(len(maps), dtype=np.int32), [m.size for m in maps])
+        order = np.argsort(s)[::-1]   # ties need no order: only each tie group's end is used
+        self.s = s[order]
+        self.g = g[order]
+        self.img = img[order]
+        self.rsize = np.concatenate(region_size)[order]
+
+    def curves(self, images: Sequence[int] | None = None) -> dict:
+        if images is None:
+            s, g, rs, n_reg = self.s, self.g, self.rsize, int(self.n_regions.sum())
+        else:
+            images = np.asarray(images, dtype=np.int64)
+            member = np.zeros(self.n_images, dtype=bool)
+            member[images] = True
+            sel = member[self.img]
+            s, g, rs = self.s[sel], self.g[sel], self.rsize[sel]
+            n_reg = int(self.n_regions[np.unique(images)].sum())
+        keep = np.ones(s.size, dtype=bool)
+        keep[:-1] = s[1:] != s[:-1]
+        tp = np.cumsum(g, dtype=np.int64)[keep]
+        fp = np.arange(1, s.size + 1, dtype=np.int64)[keep] - tp
+        out = {"thr": s[keep].astype(np.float64), "tp": tp, "fp": fp, "n_regions": n_reg}
+        if n_reg:
+            w = np.zeros(s.size, dtype=np.float64)
+            np.divide(1.0, rs, out=w, where=g)
+            out["pro"] = np.cumsum(w)[keep] / n_reg
+        return out
+
+
+def _sweep_auroc(c: dict) -> float:
+    P, N = int(c["tp"][-1]), int(c["fp"][-1])
+    if P == 0 or N == 0:
+        return math.nan
+    return trapezoid(np.concatenate([[0.0], c["fp"] / N]), np.concatenate([[0.0], c["tp"] / P]))
+
+
+def _sweep_f1max(c: dict) -> float:
+    P = int(c["tp"][-1])
+    if P == 0:
+        return math.nan
+    return float(np.max(2 * c["tp"] / (c["tp"] + c["fp"] + P)))
+
+
+def _sweep_pro(c: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    N = int(c["fp"][-1])
+    if c["n_regions"] == 0:
+        raise ValueError("AU-PRO needs at least one defect region (all masks are empty)")
+    if N == 0:
+        raise ValueError("AU-PRO needs defect-free pixels (every pixel is a defect)")
+    fpr = np.concatenate([[0.0], c["fp"] / N])
+    pro = np.concatenate([[0.0], np.clip(c["pro"], 0.0, 1.0)])
+    thr = np.concatenate([[np.inf], c["thr"]])
+    fpr[-1] = pro[-1] = 1.0   # every pixel predicted anomalous (removes rounding in the sums)
+    return fpr, pro, thr
+
+
+def _sweep_aupro(c: dict, max_fpr: float) -> float:
+    if c["n_regions"] == 0 or int(c["fp"][-1]) == 0:
+        return math.nan
+    fpr, pro, _ = _sweep_pro(c)
+    return trapezoid(fpr, pro, max_fpr) / max_fpr
+
+
+def _check_max_fpr(max_fpr: float) -> None:
+    if not 0 < max_fpr <= 1:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+
+
 def pixel_auroc(maps, masks) -> float:
-    """AUROC over all pixels of all images (maps at mask resolution; a ``None`` mask = normal)."""
-    return _auroc(*_flat(*_pixel_lists(maps, masks)))
+    """AUROC over all pixels of all images (maps at mask resolution; a ``None`` mask = normal);
+    nan without defect pixels or without defect-free pixels."""
+    return _sweep_auroc(_PixelSweep(*_pixel_lists(maps, masks)).curves())
 
 
 def pixel_f1_max(maps, masks) -> float:
     """F1-max over all pixels of all images; nan without defect pixels."""
-    return _f1max(*_flat(*_pixel_lists(maps, masks)))
+    return _sweep_f1max(_PixelSweep(*_pixel_lists(maps, masks)).curves())
 
 
 def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,38 +239,7 @@ def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Raises ``ValueError`` when there is no defect region or no defect-free pixel.
     """
-    maps, masks = _pixel_lists(maps, masks)
-    weights, n_regions = [], 0
-    for g in masks:
-        lab, k = ndimage.label(g, structure=_EIGHT)
-        if k:
-            sizes = np.bincount(lab.ravel()).astype(np.float64)
-            inv = np.zeros_like(sizes)
-            inv[1:] = 1.0 / sizes[1:]
-            weights.append(inv[lab.ravel()])
-        else:
-            weights.append(np.zeros(g.size))
-        n_regions += k
-    s, g = _flat(maps, masks)
-    neg = ~g
-    n_neg = int(neg.sum())
-    if n_regions == 0:
-        raise ValueError("AU-PRO needs at least one defect region (all masks are empty)")
-    if n_neg == 0:
-        raise ValueError("AU-PRO needs defect-free pixels (every pixel is a defect)")
-    w = np.concatenate(weights) / n_regions
-    order = np.argsort(s)[::-1]   # ties need no order: only the end of each tie group is kept
-    s_sorted = s[order]
-    fpr = np.cumsum(neg[order], dtype=np.int64) / n_neg
-    pro = np.cumsum(w[order])
-    del order
-    keep = np.ones(s_sorted.size, dtype=bool)
-    keep[:-1] = s_sorted[1:] != s_sorted[:-1]   # last pixel of each group of equal scores
-    fpr = np.concatenate([[0.0], fpr[keep]])
-    pro = np.concatenate([[0.0], np.clip(pro[keep], 0.0, 1.0)])
-    thr = np.concatenate([[np.inf], s_sorted[keep].astype(np.float64)])
-    fpr[-1] = pro[-1] = 1.0   # every pixel predicted anomalous (removes rounding in the sums)
-    return fpr, pro, thr
+    return _sweep_pro(_PixelSweep(*_pixel_lists(maps, masks)).curves())
 
 
 def trapezoid(x: np.ndarray, y: np.ndarray, x_max: float | None = None) -> float:
@@ -199,13 +261,8 @@ def aupro(maps, masks, max_fpr: float = 0.3) -> float:
 
     nan when there is no defect region or no defect-free pixel.
     """
-    if not 0 < max_fpr <= 1:
-        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
-    maps, masks = _pixel_lists(maps, masks)
-    if not any(g.any() for g in masks) or all(g.all() for g in masks):
-        return math.nan
-    fpr, pro, _ = pro_curve(maps, masks)
-    return trapezoid(fpr, pro, max_fpr) / max_fpr
+    _check_max_fpr(max_fpr)
+    return _sweep_aupro(_PixelSweep(*_pixel_lists(maps, masks)).curves(), max_fpr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,18 +311,19 @@ def compute_metrics(defects: Sequence[str], scores=None, maps=None, masks=None, 
     if s.size != n:
         raise ValueError(f"scores has {s.size} values but defects has {n}")
 
+    _check_max_fpr(max_fpr)
+    sweep = _PixelSweep(maps, masks) if maps is not None else None
+
     def block(idx: np.ndarray) -> dict:
         out = {"image_auroc": _none_if_nan(_auroc(s[idx], labels[idx])),
                "pixel_auroc": None, "aupro": None,
                "f1_max": _none_if_nan(_f1max(s[idx], labels[idx])),
                "pixel_f1_max": None}
-        if maps is not None:
-            mm, gg = [maps[i] for i in idx], [masks[i] for i in idx]
-            ps, pg = _flat(mm, gg)
-            out["pixel_auroc"] = _none_if_nan(_auroc(ps, pg.astype(np.int8)))
-            out["pixel_f1_max"] = _none_if_nan(_f1max(ps, pg))
-            del ps, pg
-            out["aupro"] = _none_if_nan(aupro(mm, gg, max_fpr))
+        if sweep is not None:
+            c = sweep.curves(None if idx.size == n else idx)
+            out["pixel_auroc"] = _none_if_nan(_sweep_auroc(c))
+            out["aupro"] = _none_if_nan(_sweep_aupro(c, max_fpr))
+            out["pixel_f1_max"] = _none_if_nan(_sweep_f1max(c))
         return out
 
     result = block(np.arange(n))
