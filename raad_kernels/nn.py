@@ -95,8 +95,8 @@ class QuantAttention(nn.Module):
         for name, child in fm._modules.items():
             self.add_module(name, child)
         for name, value in vars(fm).items():
-            if (name.startswith("_") and name not in self.private_attrs) or name == "training" \
-                    or name in _OWN_ATTRS or callable(value) and not isinstance(value, nn.Module):
+            private = name.startswith("_") and name not in self.private_attrs
+            if private or name == "training" or name in _OWN_ATTRS or callable(value):
                 continue
             if name not in self._parameters and name not in self._buffers and name not in self._modules:
                 object.__setattr__(self, name, value)
@@ -127,9 +127,11 @@ class QuantAttention(nn.Module):
         if isinstance(module, QuantAttention):
             raise TypeError("module is already a QuantAttention; use .set_bits(qk_bits, pv_bits)")
         sub, reason = _adapter_for(module)
+        if reason is not None:
+            raise ValueError(f"cannot take over {_qualname(type(module))}: {reason}")
         if sub is None:
-            raise TypeError(reason or f"{_qualname(type(module))} is not a supported attention module; "
-                                      f"supported: {', '.join(supported_classes())}")
+            raise TypeError(f"{_qualname(type(module))} is not a supported attention module; "
+                            f"supported: {', '.join(supported_classes())}")
         return sub(module, qk_bits, pv_bits, backend=backend, smooth_k=smooth_k, rotate=rotate)
 
     def set_bits(self, qk_bits: int, pv_bits: Optional[int] = None) -> "QuantAttention":
@@ -176,7 +178,7 @@ class QuantAttention(nn.Module):
 
 class _TimmBase(QuantAttention):
     _optional = ("qkv", "q_proj", "k_proj", "v_proj", "gate", "q_bias", "k_bias", "v_bias")
-    _required = ("num_heads", "head_dim", "q_norm", "k_norm", "proj", "attn_drop", "proj_drop")
+    _required = ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "proj", "attn_drop", "proj_drop")
 
     @classmethod
     def unsupported_reason(cls, m):
@@ -196,7 +198,7 @@ class _TimmBase(QuantAttention):
 
     def _timm_forward(self, x, rope, attn_mask, is_causal):
         B, N, _ = x.shape
-        H, D = self.num_heads, self.head_dim
+        H = self.num_heads
         Hkv = getattr(self, "num_kv_heads", None) or H
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:
@@ -571,6 +573,8 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     resolved = _resolve(plan)
     candidates, unswappable, covered = _classify(model)
 
@@ -604,7 +608,8 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
         for cname, child in parent._modules.items():
             if child is not None:
                 refs.setdefault(id(child), []).append((parent, cname))
-    new_root = model
+    # decide every module first, so a plan that fails part-way changes nothing
+    decisions = []
     for name, m in candidates.items():
         score = None
         if filter_fn is not None and not filter_fn(name, m):
@@ -618,6 +623,10 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
             r = resolved[1](name, m)
             bits = None if r is None else plan_mod.parse_bits(r, f"plan({name!r})")
             why = "plan returned None"
+        decisions.append((name, m, bits, score, why))
+
+    new_root = model
+    for name, m, bits, score, why in decisions:
         if bits is None:
             if isinstance(m, QuantAttention):
                 report.swapped.append(SwapEntry(name, m.float_class, m.qk_bits, m.pv_bits, m.backend))

@@ -11,7 +11,6 @@ inference_mode / autocast / jit.trace / torch.compile.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
@@ -43,8 +42,10 @@ def _timm(name, **kw):
 
 def _tv_vit():
     from torchvision.models.vision_transformer import VisionTransformer
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64,
-                             mlp_dim=128, num_classes=10)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64,
+                              mlp_dim=128, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.1)   # torchvision starts the head at zero
+    return model
 
 
 def _hf(model_cls, config_cls, **kw):
@@ -119,35 +120,68 @@ DEPTH = 2
 
 
 def _weights(m):
-    """(q weight rows, k weight rows, k bias or None, q/k norm weights) views of a float module."""
+    """(q weight, k weight, k bias or None, (q_norm weight, k_norm weight) or None, heads,
+    kv heads, head dim) of a float attention module, as views that can be edited in place."""
     if isinstance(m, nn.MultiheadAttention):
         e = m.embed_dim
-        return m.in_proj_weight[:e], m.in_proj_weight[e:2 * e], m.in_proj_bias[e:2 * e], ()
+        return (m.in_proj_weight[:e], m.in_proj_weight[e:2 * e], m.in_proj_bias[e:2 * e], None,
+                m.num_heads, m.num_heads, m.head_dim)
     if hasattr(m, "output") and hasattr(m, "attention"):   # HF
         sa = m.attention
-        return sa.query.weight, sa.key.weight, sa.key.bias, ()
-    norms = tuple(n.weight for n in (m.q_norm, m.k_norm) if getattr(n, "weight", None) is not None)
+        h = sa.num_attention_heads
+        return sa.query.weight, sa.key.weight, sa.key.bias, None, h, h, sa.attention_head_size
+    h = m.num_heads
+    hkv = getattr(m, "num_kv_heads", None) or h
+    if getattr(m.q_norm, "weight", None) is not None:   # qk-norm: scale and offset after the norm
+        return None, None, m.k_norm.bias, (m.q_norm.weight, m.k_norm.weight), h, hkv, m.head_dim
     if getattr(m, "qkv", None) is not None:
         d = m.qkv.weight.shape[0] // 3
         kb = m.qkv.bias[d:2 * d] if m.qkv.bias is not None else None
-        return m.qkv.weight[:d], m.qkv.weight[d:2 * d], kb, norms
-    return m.q_proj.weight, m.k_proj.weight, m.k_proj.bias, norms
+        return m.qkv.weight[:d], m.qkv.weight[d:2 * d], kb, None, h, hkv, m.head_dim
+    return m.q_proj.weight, m.k_proj.weight, m.k_proj.bias, None, h, hkv, m.head_dim
+
+
+def _rows(heads, d, idx):
+    return (torch.arange(heads)[:, None] * d + idx[None, :]).flatten()
 
 
 @torch.no_grad()
-def sharpen(model, seed=0, qk_std=1.7, n_outliers=2, outlier_gain=4.0, k_offset=3.0):
-    """Give random attention the temperature, outlier channels and K offset of a trained ViT."""
+def sharpen(model, size, seed=0, logit_std=3.0, n_outliers=3, outlier_gain=8.0, k_offset=4.0):
+    """Give random attention the statistics of a trained ViT's, as ``raad_kernels.testing.make_qkv``
+    draws them: a few outlier channels shared by Q and K, logits (after K smoothing) with a
+    spread of ``logit_std``, and a per-channel K offset of ``k_offset`` standard deviations."""
     g = torch.Generator().manual_seed(seed)
-    for _, m in rknn._classify(model)[0].items():
-        wq, wk, kb, norms = _weights(m)
-        for w in (wq, wk):
-            w.mul_(qk_std / (w.std() * math.sqrt(w.shape[1])))
-            idx = torch.randperm(w.shape[0], generator=g)[:n_outliers]
-            w[idx] *= outlier_gain
-        for nw in norms:
-            nw.mul_(qk_std)
+    mods = rknn._classify(model)[0]
+    for m in mods.values():
+        wq, wk, kb, norms, h, hkv, d = _weights(m)
+        idx = torch.randperm(d, generator=g)[:n_outliers]
+        if norms is not None:
+            for w in norms:
+                w[idx] *= outlier_gain
+        else:
+            wq[_rows(h, d, idx)] *= outlier_gain
+            wk[_rows(hkv, d, idx)] *= outlier_gain
+    # measure the logit spread and K's scale of each module on a forward pass, then rescale Q
+    probe = copy.deepcopy(model)
+    rk.quantize_model(probe, 16)
+    stats, real = {}, ops.attention
+
+    def rec(q, k, v, **kw):
+        scale = kw["scale"] or q.shape[-1] ** -0.5
+        ks = k - k.mean(-2, keepdim=True)
+        stats[len(stats)] = ((q @ ks.transpose(-1, -2) * scale).std().item(), ks.std().item())
+        return real(q, k, v, **kw)
+    ops.attention = rec
+    try:
+        probe(torch.randn(2, 3, size, size, generator=g))
+    finally:
+        ops.attention = real
+    for i, m in enumerate(mods.values()):
+        wq, wk, kb, norms, h, hkv, d = _weights(m)
+        s_std, k_std = stats[i]
+        (norms[0] if norms is not None else wq).mul_(logit_std / s_std)
         if kb is not None:
-            kb.add_(k_offset * torch.randn(kb.shape, generator=g))
+            kb.add_(k_offset * k_std * torch.randn(kb.shape, generator=g))
     return model
 
 
@@ -155,8 +189,12 @@ def build(arch, seed=0, sharp=True):
     torch.manual_seed(seed)
     factory, size = ARCHS[arch]
     model = factory().eval()
+    with torch.no_grad():   # LayerScale as trained (timm starts DINOv2's at 1e-5, muting attention)
+        for m in model.modules():
+            if type(m).__name__ == "LayerScale":
+                m.gamma.fill_(0.5)
     if sharp:
-        sharpen(model, seed)
+        sharpen(model, size, seed)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     return model, x
 
@@ -183,6 +221,8 @@ def cos(a, b):
     return F.cosine_similarity(a.detach().double().flatten(), b.detach().double().flatten(), dim=0).item()
 
 
+#: Backend of the tests that check values: the executable specification (``auto`` has its own test).
+BACKEND = "torch"
 #: Logits cosine against float64 after two quantized blocks, per Q·Kᵀ bit-width.
 LOGITS_COS = {8: 0.999, 4: 0.98, 2: 0.90}
 
@@ -195,7 +235,7 @@ def test_swap_shares_parameters(arch):
     floats = dict(rknn._classify(model)[0])
     assert len(floats) == DEPTH and all(type(m).__name__ == EXPECTED_CLASS[arch] for m in floats.values())
     params = {n: dict(m.named_parameters()) for n, m in floats.items()}
-    out = rk.quantize_model(model, 8)
+    out = rk.quantize_model(model, 8, backend=BACKEND)
     assert out is model
     swapped = attention_modules(model)
     assert set(swapped) == set(floats)
@@ -216,7 +256,7 @@ def test_16bit_reproduces_float(arch):
         q = rk.quantize_model(model, 16)
         out = q(x)
     assert all(m.qk_bits == 16 for m in attention_modules(q).values())
-    assert (out - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item()) * 10
+    assert (out - ref).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -226,7 +266,7 @@ def test_accuracy_uniform(arch, bits, monkeypatch):
     ref_model = copy.deepcopy(model).double()
     with torch.no_grad():
         ref = ref_model(x.double())
-        q = rk.quantize_model(model, bits, backend="torch")
+        q = rk.quantize_model(model, bits, backend=BACKEND)
         cap = Capture(monkeypatch)
         out = q(x)
     assert len(cap.calls) == DEPTH
@@ -234,7 +274,7 @@ def test_accuracy_uniform(arch, bits, monkeypatch):
         assert c["qk_bits"] == bits and c["pv_bits"] == 8
         ref_att = attention_reference(c["q"], c["k"], c["v"], scale=c["scale"], attn_mask=c.get("attn_mask"))[0]
         emu = rk.quant_attention(c["q"], c["k"], c["v"], bits, 8, scale=c["scale"], attn_mask=c.get("attn_mask"),
-                                 backend="torch")
+                                 backend=BACKEND)
         check_accuracy(c["out"], emu, ref_att, bits, what=f"{arch} int{bits}")
     c = cos(out, ref)
     assert c >= LOGITS_COS[bits], f"{arch} int{bits}: logits cos {c:.5f} < {LOGITS_COS[bits]}"
@@ -250,7 +290,7 @@ def test_accuracy_mixed_plan(arch):
                        names[1]: {"qk_bits": 8, "pv_bits": 16, "score": 0.9}}}
     with torch.no_grad():
         ref = ref_model(x.double())
-        rk.quantize_model(model, plan, backend="torch")
+        rk.quantize_model(model, plan, backend=BACKEND)
         out = model(x)
     mods = attention_modules(model)
     assert (mods[names[0]].qk_bits, mods[names[0]].pv_bits) == (2, 8)
@@ -262,7 +302,7 @@ def test_accuracy_mixed_plan(arch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_maps_match_reference(arch, monkeypatch):
     model, x = build(arch)
-    rk.quantize_model(model, {n: (4, 8) for n in rknn._classify(model)[0]}, backend="torch")
+    rk.quantize_model(model, {n: (4, 8) for n in rknn._classify(model)[0]}, backend=BACKEND)
     mods = attention_modules(model)
     assert all(m.maps is None and m.keep_maps is False for m in mods.values())
     for m in mods.values():
@@ -282,7 +322,7 @@ def test_maps_match_reference(arch, monkeypatch):
             assert maps[key].dtype == torch.float32
             torch.testing.assert_close(maps[key], emu[key], rtol=1e-5, atol=1e-6)
             assert cos(maps[key], ref[key]) >= COS_FLOOR[4], f"{name} map {key}"
-        assert error(maps["entropy"], ref["entropy"]).rel_l2 < 0.05
+        assert error(maps["entropy"], ref["entropy"]).rel_l2 < 0.1
     # off again: nothing is computed or kept
     for m in mods.values():
         m.keep_maps, m.maps = False, None
@@ -310,17 +350,17 @@ def test_16bit_maps(arch, monkeypatch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_state_dict_interchange(arch):
     model, x = build(arch, seed=0)
-    fresh, _ = build(arch, seed=7)   # same architecture, other weights
+    fresh, _ = build(arch, seed=7, sharp=False)   # same architecture, other weights
     float_sd = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(x)
-    rk.quantize_model(model, 4)
+    rk.quantize_model(model, 4, backend=BACKEND)
     qsd = model.state_dict()
     assert list(qsd) == list(float_sd)
     fresh.load_state_dict(qsd, strict=True)          # quantized -> float
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
-    qfresh = rk.quantize_model(build(arch, seed=3)[0], 4)
+    qfresh = rk.quantize_model(build(arch, seed=3, sharp=False)[0], 4, backend=BACKEND)
     qfresh.load_state_dict(float_sd, strict=True)     # float -> quantized
     with torch.no_grad():
         torch.testing.assert_close(qfresh(x), model(x), rtol=0, atol=0)
@@ -330,19 +370,20 @@ def test_state_dict_interchange(arch):
 def test_gradients_flow(arch):
     model, x = build(arch)
     ref_model = copy.deepcopy(model).double().train()
-    rk.quantize_model(model, 8, backend="torch")
+    rk.quantize_model(model, 8, backend=BACKEND)
     model.train()
     out = model(x)
     assert out.grad_fn is not None
     out.pow(2).sum().backward()
     ref_model(x.double()).pow(2).sum().backward()
     ref_params = dict(ref_model.named_parameters())
+    big = max(p.grad.abs().max().item() for p in ref_params.values() if p.grad is not None)
     for name, qa in attention_modules(model).items():
         for pname, p in qa.named_parameters():
             full = f"{name}.{pname}"
             assert p.grad is not None and torch.isfinite(p.grad).all(), full
             g_ref = ref_params[full].grad
-            if g_ref.abs().max() > 1e-9:
+            if g_ref.abs().max() > 1e-4 * big:   # (K's bias gets no gradient: softmax ignores it)
                 assert cos(p.grad, g_ref) > 0.99, f"{full}: STE grad cos {cos(p.grad, g_ref):.4f}"
 
 
@@ -351,7 +392,9 @@ def test_inference_mode_and_autocast(arch):
     model, x = build(arch)
     with torch.no_grad():
         ref = model(x)
-    rk.quantize_model(model, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_dtype = model(x).dtype   # the float model's output dtype under autocast
+    rk.quantize_model(model, 8, backend=BACKEND)
     with torch.no_grad():
         q_out = model(x)
     with torch.inference_mode():
@@ -359,7 +402,7 @@ def test_inference_mode_and_autocast(arch):
     torch.testing.assert_close(out, q_out, rtol=0, atol=0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == ref_dtype
     assert cos(out, ref) > 0.99
 
 
@@ -375,13 +418,14 @@ def test_timm_attn_mask_and_causal():
     mask[..., 0] = True
     with torch.no_grad():
         ref_mask, ref_causal = attn(tokens, attn_mask=mask), attn(tokens, is_causal=True)
-        qa = rk.QuantAttention.from_module(attn, 16, 16)
+        qa = rk.QuantAttention.from_module(attn, 16, 16, backend=BACKEND)
         torch.testing.assert_close(qa(tokens, attn_mask=mask), ref_mask, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(qa(tokens, is_causal=True), ref_causal, rtol=1e-5, atol=1e-6)
         qa.set_bits(8)
         assert cos(qa(tokens, attn_mask=mask), ref_mask) > 0.999
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")   # torch's, on the float reference
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_mha_masks_layouts_and_cross_attention(batch_first):
     torch.manual_seed(0)
@@ -395,7 +439,7 @@ def test_mha_masks_layouts_and_cross_attention(batch_first):
     with torch.no_grad():
         ref = mha(q, k, v, key_padding_mask=kpm, attn_mask=am, need_weights=False)[0]
         ref_w = mha(q, k, v, key_padding_mask=kpm, need_weights=True)
-        qa = rk.QuantAttention.from_module(mha, 16, 16)
+        qa = rk.QuantAttention.from_module(mha, 16, 16, backend=BACKEND)
         torch.testing.assert_close(qa(q, k, v, key_padding_mask=kpm, attn_mask=am, need_weights=False)[0], ref,
                                    rtol=1e-5, atol=1e-6)
         out_w = qa(q, k, v, key_padding_mask=kpm, need_weights=True)   # float path keeps the weights
@@ -420,8 +464,13 @@ def test_mha_unsupported_configs_are_listed():
         def forward(self, x):
             return x
 
+    class PatchedAttention(timm.layers.Attention):   # a supported class, but its own forward
+        def forward(self, x, attn_mask=None):
+            return x
+
     model = nn.ModuleDict({
         "ok": nn.MultiheadAttention(16, 2, batch_first=True),
+        "patched": PatchedAttention(16, 2),
         "bias_kv": nn.MultiheadAttention(16, 2, add_bias_kv=True),
         "zero": nn.MultiheadAttention(16, 2, add_zero_attn=True),
         "window": WindowAttention(),
@@ -431,13 +480,16 @@ def test_mha_unsupported_configs_are_listed():
     rep = model.raad_report
     assert [e.name for e in rep.swapped] == ["ok"]
     unsw = {n: why for n, _, why in rep.unswappable}
-    assert set(unsw) == {"bias_kv", "zero", "window"}
+    assert set(unsw) == {"patched", "bias_kv", "zero", "window"}
     assert "add_bias_kv" in unsw["bias_kv"] and "add_zero_attn" in unsw["zero"]
+    assert "subclasses timm.layers.attention.Attention with its own forward" in unsw["patched"]
     assert "UNSWAPPABLE" in str(rep) and "window" in str(rep)
     with pytest.raises(PlanError, match="cannot be swapped"):
         rk.quantize_model(model, {"bias_kv": 4})
     with pytest.raises(TypeError, match="not a supported attention module"):
         rk.QuantAttention.from_module(model["window"])
+    with pytest.raises(ValueError, match="cannot take over .*add_bias_kv"):
+        rk.QuantAttention.from_module(model["bias_kv"])
 
 
 def test_transformer_encoder_layer_fast_path_does_not_bypass():
@@ -446,7 +498,7 @@ def test_transformer_encoder_layer_fast_path_does_not_bypass():
     x = torch.randn(2, 11, 64)
     with torch.inference_mode():
         ref = layer(x)
-    rk.quantize_model(layer, 2)
+    rk.quantize_model(layer, 2, backend=BACKEND)
     layer.self_attn.keep_maps = True
     with torch.inference_mode():
         out = layer(x)
@@ -521,7 +573,7 @@ def test_backend_auto_follows_rule(monkeypatch):
         model(x)
     for c in cap.calls:
         ref = attention_reference(c["q"], c["k"], c["v"], scale=c["scale"])[0]
-        emu = rk.quant_attention(c["q"], c["k"], c["v"], 4, 8, scale=c["scale"], backend="torch")
+        emu = rk.quant_attention(c["q"], c["k"], c["v"], 4, 8, scale=c["scale"], backend=BACKEND)
         check_accuracy(c["out"], emu, ref, 4, what="auto")
 
 
@@ -531,7 +583,7 @@ def test_backend_auto_follows_rule(monkeypatch):
 
 def test_jit_trace_records_the_op():
     model, x = build("timm-vit")
-    rk.quantize_model(model, 4)
+    rk.quantize_model(model, 4, backend=BACKEND)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = model(x)
@@ -557,7 +609,7 @@ def test_torch_compile_fullgraph():
     training path (fake quantization) compiled with aot_eager and differentiated."""
     torch._dynamo.reset()
     model, x = build("timm-vit")
-    rk.quantize_model(model, 4)
+    rk.quantize_model(model, 4, backend=BACKEND)
     with torch.no_grad():
         ref = model(x)
         model.blocks[1].attn.keep_maps = True
@@ -569,7 +621,7 @@ def test_torch_compile_fullgraph():
 
     torch._dynamo.reset()
     train_model, _ = build("timm-vit")
-    rk.quantize_model(train_model, 4)
+    rk.quantize_model(train_model, 4, backend=BACKEND)
     train_model.train()
     eager_loss = train_model(x).pow(2).sum()
     eager_loss.backward()
@@ -579,3 +631,13 @@ def test_torch_compile_fullgraph():
     loss.backward()
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(train_model.blocks[0].attn.qkv.weight.grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_export_records_the_op():
+    model, x = build("timm-vit")
+    rk.quantize_model(model, 4, backend=BACKEND)
+    with torch.no_grad():   # under grad mode, export would capture the training (fake-quant) graph
+        ep = torch.export.export(model, (x,))
+        kinds = [str(n.target) for n in ep.graph.nodes]
+        assert kinds.count("raad.quant_attention.default") == DEPTH
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
