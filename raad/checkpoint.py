@@ -1,0 +1,113 @@
+"""Run folders: weights (safetensors), config.json, plan.json, written atomically; refused with a
+clear message when they are from another format version or damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .io import atomic_path, atomic_write_text
+
+RUN_FORMAT = "raad-run"
+RUN_VERSION = 1
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+PLAN = "plan.json"
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used; the message names the file and what is wrong."""
+
+
+def save_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def save_run(run_dir, detector, *, fit: dict, plan: dict | None, extra: dict | None = None) -> Path:
+    """Write weights, config and plan. Each file is replaced atomically; config.json goes last,
+    so a folder whose config exists has all its files."""
+    from safetensors.torch import save_file
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in detector.trainable_state_dict().items()}
+    with atomic_path(run / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    if plan is not None:
+        save_json(run / PLAN, plan)
+    elif (run / PLAN).exists():
+        os.remove(run / PLAN)
+    config = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": detector.cfg.to_dict(), "fit": fit}
+    config.update(extra or {})
+    save_json(run / CONFIG, config)
+    return run
+
+
+def read_config(run_dir) -> dict:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunError(f"run folder {run} does not exist (create one with `raad fit DATA_DIR --out {run}`)")
+    path = run / CONFIG
+    if not path.is_file():
+        raise RunError(f"{path}: missing: {run} is not a finished run folder (was `raad fit` interrupted?)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: damaged, not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise RunError(f"{path}: not a RAAD run config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("version") != RUN_VERSION:
+        raise RunError(f"{path}: run format version {config.get('version')!r}; this raad reads version "
+                       f"{RUN_VERSION}. Fit the model again with this version.")
+    return config
+
+
+def load_run(run_dir, *, precision: str = "plan", backend: str = "auto"):
+    """Rebuild the detector of a run folder. ``precision``: "plan" applies plan.json (when the
+    run has one), "fp32" keeps every attention in float. Returns (detector, config, plan)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    import raad_kernels as rk
+
+    from .model import Detector, ModelConfig
+
+    if precision not in ("plan", "fp32"):
+        raise ValueError(f"--precision must be 'plan' or 'fp32', got {precision!r}")
+    run = Path(run_dir)
+    config = read_config(run)
+    try:
+        cfg = ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{run / CONFIG}: bad 'model' section: {e}") from None
+    det = Detector(cfg)
+    wpath = run / WEIGHTS
+    if not wpath.is_file():
+        raise RunError(f"{wpath}: missing")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{wpath}: damaged weights file ({e})") from None
+    expected = det.trainable_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RunError(f"{wpath}: does not match the model in {CONFIG}: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise RunError(f"{wpath}: tensor {k} has shape {tuple(v.shape)}, the model wants {tuple(expected[k].shape)}")
+    det.load_state_dict(state, strict=False)
+    det.eval()
+    plan = None
+    ppath = run / PLAN
+    if ppath.is_file():
+        try:
+            plan = rk.load_plan(ppath)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+    if precision == "plan" and plan is not None:
+        rk.quantize_model(det, plan, backend=backend)
+    return det, config, plan

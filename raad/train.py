@@ -1,0 +1,255 @@
+"""`raad fit`: teacher features → student + autoencoder → HQS plan → stage 1 → stage 2.
+
+1. The frozen teacher runs once per training image; its stem (the student's input) and
+   normalised targets are cached, so training steps run only the student and the autoencoder.
+2. Training (EfficientAD losses): hard-feature mining for the student (the mean of the squared
+   errors above their 0.999 quantile, plus a small share of the plain mean so early steps move
+   every patch), autoencoder reconstruction of the targets, and student imitation of the
+   autoencoder.
+3. Held-out normal images set the quantile normalisation of both maps.
+4. HQS scores the attention layers and allocates bits under ``avg_bits`` (see :mod:`raad.hqs`).
+5. Stage 1 swaps the attention for QuantAttention at the plan's bits (post-training).
+6. Stage 2 fine-tunes the student under fake quantization (straight-through estimator) at a low
+   learning rate, weighting each patch by where the float model's discrepancy concentrates
+   (1 + d/mean d), then recalibrates the quantiles with the quantized model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import raad_kernels as rk
+
+from . import data as D
+from . import hqs
+from .checkpoint import save_json, save_run
+from .model import Detector, ModelConfig
+
+Q_LOW, Q_HIGH = 0.9, 0.995   # quantiles of held-out normal maps → 0 and 0.1 (EfficientAD)
+HARD_QUANTILE = 0.999
+
+
+@dataclass
+class FitOptions:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    avg_bits: float = 4.0
+    stage2_steps: int = 60
+    stage2_lr: float = 1e-4
+    holdout: float = 0.15
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+
+    def check(self):
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.stage2_steps < 0:
+            raise ValueError(f"--stage2-steps must be >= 0, got {self.stage2_steps}")
+        hqs.check_avg_bits(self.avg_bits)
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible on this machine")
+        return self
+
+
+def _bar(it, desc, total=None, show=True):
+    return tqdm(it, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def load_images(paths, size, show=True) -> torch.Tensor:
+    return torch.stack([D.load_image(p, size) for p in _bar(paths, "loading images", show=show)])
+
+
+@torch.no_grad()
+def cache_teacher(det: Detector, images: torch.Tensor, batch: int = 8, show=True):
+    stems, targets = [], []
+    for i in _bar(range(0, len(images), batch), "teacher features", show=show):
+        s, t = det.teacher_features(images[i:i + batch])
+        stems.append(s)
+        targets.append(t)
+    return torch.cat(stems), torch.cat(targets)
+
+
+def student_losses(det: Detector, stem, target, weight=None):
+    """(student hard loss, autoencoder loss, student–autoencoder loss)."""
+    s, s_ae = det.student(stem)
+    d = (target - s).pow(2)
+    if weight is not None:
+        d = d * weight[:, None]
+    flat = d.detach().flatten()
+    q = torch.quantile(flat[:: max(1, flat.numel() // 2**20)], HARD_QUANTILE)
+    l_st = d[d >= q].mean() + 0.1 * d.mean()
+    if det.ae is None:
+        return l_st, torch.zeros(()), torch.zeros(())
+    a = det.ae(stem)
+    l_ae = (target - a).pow(2).mean()
+    l_stae = (a.detach() - s_ae).pow(2).mean()
+    return l_st, l_ae, l_stae
+
+
+def train(det: Detector, stems, targets, steps, lr, batch, seed, params, weights=None, desc="training",
+          show=True, ae_trainable=True):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    det.student.train()
+    if det.ae is not None:
+        det.ae.train(ae_trainable)
+    log = []
+    bar = _bar(range(steps), desc, show=show)
+    for step in bar:
+        idx = torch.randint(0, len(stems), (min(batch, len(stems)),), generator=g)
+        w = None if weights is None else weights[idx]
+        l_st, l_ae, l_stae = student_losses(det, stems[idx], targets[idx], w)
+        loss = l_st + (l_ae if ae_trainable else 0.0) + l_stae
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0 or step == steps - 1:
+            rec = {"step": step, "loss_st": l_st.item(), "loss_ae": l_ae.item(), "loss_stae": l_stae.item()}
+            log.append(rec)
+            bar.set_postfix(st=f"{rec['loss_st']:.3f}", ae=f"{rec['loss_ae']:.3f}")
+    det.eval()
+    return log
+
+
+@torch.no_grad()
+def calibrate(det: Detector, normals: torch.Tensor, batch: int = 8):
+    """Quantile normalisation of both maps on held-out normal images."""
+    sts, aes = [], []
+    for i in range(0, len(normals), batch):
+        st, ae = det.raw_maps(normals[i:i + batch])
+        sts.append(st.flatten())
+        if ae is not None:
+            aes.append(ae.flatten())
+    qs = torch.tensor([Q_LOW, Q_HIGH])
+    det.q_st.copy_(torch.quantile(torch.cat(sts), qs))
+    if aes:
+        det.q_ae.copy_(torch.quantile(torch.cat(aes), qs))
+
+
+@torch.no_grad()
+def discrepancy_weights(det: Detector, stems, targets, batch: int = 8):
+    """Per-patch weights 1 + d / mean(d) from the float student's squared error."""
+    ds = []
+    for i in range(0, len(stems), batch):
+        s, _ = det.student(stems[i:i + batch])
+        ds.append((targets[i:i + batch] - s).pow(2).mean(dim=1))
+    d = torch.cat(ds)
+    return 1.0 + d / d.mean().clamp_min(1e-12)
+
+
+def quant_modules(det: Detector) -> dict:
+    """Every attention of the detector as QuantAttention at 16/16 (float) — swapped in place."""
+    names = det.attention_modules()
+    rk.quantize_model(det, {n: (16, 16) for n in names})
+    return {n: det.get_submodule(n) for n in names}
+
+
+@dataclass
+class Prepared:
+    """A category ready for training: float detector, cached teacher features, held-out normals."""
+
+    category: str
+    det: Detector
+    stems: torch.Tensor
+    targets: torch.Tensor
+    normals: torch.Tensor
+    n_train: int
+
+
+def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prepared:
+    cat = D.validate(category_dir, need_test=False)
+    paths = list(cat.train)
+    n_val = max(2, int(round(len(paths) * opts.holdout)))
+    if len(paths) - n_val < 2:
+        raise D.DataError([(Path(category_dir) / "train" / "good",
+                            f"{len(paths)} images; at least {n_val + 2} are needed "
+                            f"({n_val} held out for calibration and scoring)")])
+    # a fixed, spread-out hold-out: every k-th image
+    val_idx = set(list(range(0, len(paths), max(1, len(paths) // n_val)))[:n_val])
+    train_paths = [p for i, p in enumerate(paths) if i not in val_idx]
+    val_paths = [p for i, p in enumerate(paths) if i in val_idx]
+    torch.manual_seed(opts.seed)
+    det = Detector(cfg)
+    images = load_images(train_paths, cfg.image_size, show)
+    normals = load_images(val_paths, cfg.image_size, show)
+    stems, targets = cache_teacher(det, images, show=show)
+    det.t_mean.copy_(targets.mean(dim=(0, 2, 3), keepdim=True))
+    det.t_std.copy_(targets.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+    targets = (targets - det.t_mean) / det.t_std
+    return Prepared(cat.name, det, stems, targets, normals, len(train_paths))
+
+
+def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
+    det = prep.det
+    params = list(det.student.parameters()) + (list(det.ae.parameters()) if det.ae is not None else [])
+    log = train(det, prep.stems, prep.targets, opts.steps, opts.lr, opts.batch_size, opts.seed, params,
+                desc="training student", show=show)
+    calibrate(det, prep.normals)
+    return log
+
+
+def hqs_plan(prep: Prepared, opts: FitOptions, show=True):
+    """Score the layers of the (float) detector; returns (plan, scores)."""
+    mods = quant_modules(prep.det)
+    scores = hqs.score_layers(prep.det, mods, prep.normals, seed=opts.seed,
+                              progress=lambda it: _bar(it, "HQS scoring", show=show))
+    return hqs.make_plan(scores, opts.avg_bits), scores
+
+
+def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOptions, stage2: bool,
+                          weights=None, show=True) -> list:
+    """Stage 1 (apply the plan) and, with ``stage2``, fine-tuning under fake quantization.
+    ``weights``: per-patch stage-2 weights (default: from ``det`` before quantizing)."""
+    if stage2 and weights is None:
+        weights = discrepancy_weights(det, prep.stems, prep.targets)
+    rk.quantize_model(det, plan, backend=opts.backend)
+    log = []
+    if stage2 and opts.stage2_steps:
+        log = train(det, prep.stems, prep.targets, opts.stage2_steps, opts.stage2_lr, opts.batch_size,
+                    opts.seed + 1, list(det.student.parameters()), weights=weights,
+                    desc="stage 2 (fake-quant)", show=show, ae_trainable=False)
+    calibrate(det, prep.normals)
+    return log
+
+
+def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> dict:
+    """Fit one category; writes the run folder. Returns the fit summary."""
+    opts.check()
+    t_start = time.perf_counter()
+    prep = prepare(category_dir, cfg, opts, show)
+    summary = {"category": prep.category, "train_images": prep.n_train,
+               "holdout_images": len(prep.normals), "train_log": train_float(prep, opts, show)}
+    plan = None
+    if opts.avg_bits != hqs.FLOAT_BITS:
+        plan, scores = hqs_plan(prep, opts, show)
+        save_json(Path(run_dir) / "hqs.json", hqs.details(scores))
+        summary["stage2_log"] = quantize_and_finetune(prep, prep.det, plan, opts, stage2=True, show=show)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    save_run(run_dir, prep.det, fit=asdict(opts), plan=plan,
+             extra={"summary": {k: v for k, v in summary.items() if not k.endswith("_log")}})
+    save_json(Path(run_dir) / "fit_log.json", summary)
+    return summary
+
+
+def fit(data_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> dict:
+    """Fit every category of ``data_dir`` (one category, or a folder of them) into
+    ``run_dir/<category>``. Data are validated before any training starts."""
+    dirs = D.category_dirs(data_dir)
+    for d in dirs:  # everything checked up front: no half-fitted set because image 57 is broken
+        D.validate(d, need_test=False)
+    out = {}
+    for d in dirs:
+        out[d.name] = fit_category(d, Path(run_dir) / d.name, cfg, opts, show)
+    return out

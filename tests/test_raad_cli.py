@@ -1,0 +1,105 @@
+"""RAAD end to end on tiny synthetic data through the CLI, and the run folder's refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from raad.cli import main
+
+TINY = ["--image-size", "64", "--embed-dim", "32", "--depth", "2", "--num-heads", "1",
+        "--steps", "4", "--stage2-steps", "2", "--batch-size", "4", "--avg-bits", "4"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raad")
+    data, run = root / "data", root / "run"
+    assert main(["make-data", str(data), "--categories", "pcb", "--size", "64", "--n-train", "10",
+                 "--n-test-good", "3", "--n-test-defect", "2"]) == 0
+    assert main(["fit", str(data), "--out", str(run), "--quiet"] + TINY) == 0
+    return data, run
+
+
+def test_fit_writes_a_complete_run_folder(fitted):
+    _, run = fitted
+    cat = run / "pcb"
+    for f in ("weights.safetensors", "config.json", "plan.json", "hqs.json", "fit_log.json"):
+        assert (cat / f).is_file(), f
+    plan = json.loads((cat / "plan.json").read_text())
+    assert plan["version"] == 1 and plan["avg_bits"] == 4.0
+    assert set(plan["layers"]) == {"student.blocks.0.attn", "student.blocks.1.attn"}
+    bits = [e["qk_bits"] for e in plan["layers"].values()]
+    assert sum(bits) <= 4 * len(bits) and all(e["pv_bits"] == 8 for e in plan["layers"].values())
+    assert not list(cat.glob("*.tmp*")), "no temporary files left behind"
+
+
+@pytest.mark.parametrize("precision", ["plan", "fp32"])
+def test_score_writes_metrics_maps_and_overlays(fitted, tmp_path, precision):
+    data, run = fitted
+    out = tmp_path / "scores"
+    assert main(["score", str(run), str(data), "--out", str(out), "--precision", precision, "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "per_defect"):
+        assert k in m
+    assert set(m["per_defect"]) == {"missing", "swapped", "scratch", "contamination"}
+    maps = np.load(out / "maps.npz")
+    assert "good/000.png" in maps.files and "missing/000.png" in maps.files
+    assert maps["missing/000.png"].shape == (64, 64) and np.isfinite(maps["missing/000.png"]).all()
+    assert len(list((out / "overlays").glob("*.png"))) == len(maps.files)
+    assert (m["plan"] is None) == (precision == "fp32")
+
+
+def test_bench_prints_one_json_line(fitted, capsys):
+    _, run = fitted
+    capsys.readouterr()
+    assert main(["bench", str(run), "--json", "--repeats", "2", "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["fp32_images_per_s"] > 0 and r["plan_images_per_s"] > 0
+    assert r["speedup"] == pytest.approx(r["plan_images_per_s"] / r["fp32_images_per_s"], rel=1e-2)
+
+
+def test_damaged_weights_are_refused(fitted, tmp_path, capsys):
+    data, run = fitted
+    bad = tmp_path / "run"
+    shutil.copytree(run, bad)
+    w = bad / "pcb" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    assert main(["score", str(bad), str(data), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "weights.safetensors" in err and "damaged" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_run_from_another_version_is_refused(fitted, tmp_path, capsys):
+    data, run = fitted
+    old = tmp_path / "run"
+    shutil.copytree(run, old)
+    cfg = old / "pcb" / "config.json"
+    c = json.loads(cfg.read_text())
+    c["version"] = 0
+    cfg.write_text(json.dumps(c))
+    assert main(["score", str(old), str(data), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "version 0" in capsys.readouterr().err
+
+
+def test_missing_data_folder_gives_a_clear_message(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--quiet"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_broken_training_image_stops_before_anything_is_written(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["make-data", str(data), "--categories", "weave", "--size", "64", "--n-train", "6",
+                 "--n-test-good", "1", "--n-test-defect", "1"]) == 0
+    victim = sorted((data / "weave" / "train" / "good").glob("*.png"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated PNG
+    assert main(["fit", str(data), "--out", str(tmp_path / "run"), "--quiet"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err
+    assert not (tmp_path / "run").exists()
