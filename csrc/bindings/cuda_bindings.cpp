@@ -11,14 +11,15 @@
 #include <tuple>
 
 #ifndef RAAD_EMU
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers)
 #endif
 
 #include "cuda/raad_cuda.h"
 
 namespace raad {
 int cuda_device_count();
+int cuda_kernel_binary_version();
 }
 
 namespace {
@@ -63,7 +64,7 @@ cudaStream_t current_stream() {
 #ifdef RAAD_EMU
   return nullptr;
 #else
-  return at::cuda::getCurrentCUDAStream();
+  return c10::cuda::getCurrentCUDAStream().stream();
 #endif
 }
 
@@ -72,6 +73,16 @@ int next_pow2(int d) {
   while (r < d) r <<= 1;
   return r;
 }
+
+// Offsets of the intermediates inside one byte buffer, each 256-byte aligned.
+struct Workspace {
+  size_t size = 0;
+  size_t take(int64_t bytes) {
+    const size_t off = size;
+    size += (static_cast<size_t>(bytes) + 255) / 256 * 256;
+    return off;
+  }
+};
 
 void check_4d(const at::Tensor& t, const char* name) {
   check_device(t, name);
@@ -178,47 +189,6 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> attention(
   if (want_entropy) entropy = at::empty({b, h, nq}, f32);
   if (bh == 0) return {out, cls, received, entropy};
 
-  cudaStream_t st = current_stream();
-  const float rs = static_cast<float>(1.0 / std::sqrt(static_cast<double>(qdim)));
-
-  // Q and K: smoothing, rotation, per-token quantization, packing.
-  at::Tensor kmean;
-  if (smooth_k) {
-    kmean = at::empty({bh, d}, f32);
-    RAAD_CUDA_OK(rc::channel_stats(k.data_ptr(), dt, bh, static_cast<int>(nk), static_cast<int>(d),
-                                   kmean.data_ptr<float>(), nullptr, st));
-  }
-  at::Tensor qc = at::empty({bh, nq, rb}, u8), qs = at::empty({bh, nq}, f32);
-  at::Tensor kc = at::empty({bh, nkp, rb}, u8), ks = at::empty({bh, nkp}, f32);
-  RAAD_CUDA_OK(rc::quantize_rows(q.data_ptr(), dt, nullptr, bh, static_cast<int>(nq), static_cast<int>(nq),
-                                 static_cast<int>(d), rotate, rs, static_cast<int>(qk_bits), hd,
-                                 qc.data_ptr<uint8_t>(), qs.data_ptr<float>(), st));
-  RAAD_CUDA_OK(rc::quantize_rows(k.data_ptr(), dt, smooth_k ? kmean.data_ptr<float>() : nullptr, bh,
-                                 static_cast<int>(nk), nkp, static_cast<int>(d), rotate, rs,
-                                 static_cast<int>(qk_bits), hd, kc.data_ptr<uint8_t>(), ks.data_ptr<float>(), st));
-
-  // V: per-channel int8 (pv 8) or 16-bit (pv 16), transposed.
-  int pv_mode;
-  at::Tensor vt, vscale, vmean;
-  if (pv_bits == 8) {
-    pv_mode = 0;
-    at::Tensor mean = at::empty({bh, dv}, f32), amax = at::empty({bh, dv}, f32);
-    RAAD_CUDA_OK(rc::channel_stats(v.data_ptr(), dt, bh, static_cast<int>(nk), static_cast<int>(dv),
-                                   mean.data_ptr<float>(), amax.data_ptr<float>(), st));
-    vt = at::empty({bh, hd, nkp}, q.options().dtype(at::kChar));
-    vscale = at::empty({bh, hd}, f32);
-    vmean = at::empty({bh, hd}, f32);
-    RAAD_CUDA_OK(rc::prepare_v_int8(v.data_ptr(), dt, mean.data_ptr<float>(), amax.data_ptr<float>(), bh,
-                                    static_cast<int>(nk), nkp, static_cast<int>(dv), hd, vt.data_ptr<int8_t>(),
-                                    vscale.data_ptr<float>(), vmean.data_ptr<float>(), st));
-  } else {
-    const bool bf = dt == rc::kBF16;  // quant.pv_half_dtype
-    pv_mode = bf ? 2 : 1;
-    vt = at::empty({bh, hd, nkp}, q.options().dtype(bf ? at::kBFloat16 : at::kHalf));
-    RAAD_CUDA_OK(rc::prepare_v_half(v.data_ptr(), dt, bh, static_cast<int>(nk), nkp, static_cast<int>(dv), hd,
-                                    bf, reinterpret_cast<uint16_t*>(vt.data_ptr()), st));
-  }
-
   // Mask → additive float32 bias (bool: False → -inf), broadcast by strides.
   at::Tensor bias;
   rc::AttnParams p{};
@@ -241,20 +211,55 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> attention(
     p.bias_sk = bias.stride(3);
   }
 
-  at::Tensor lse;
+  cudaStream_t st = current_stream();
+  const float rs = static_cast<float>(1.0 / std::sqrt(static_cast<double>(qdim)));
   const bool second_pass = want_cls || want_received;
-  if (second_pass) lse = at::empty({bh, nq}, f32);
 
-  p.q = qc.data_ptr<uint8_t>();
-  p.qs = qs.data_ptr<float>();
-  p.k = kc.data_ptr<uint8_t>();
-  p.ks = ks.data_ptr<float>();
-  p.v = vt.data_ptr();
-  p.vscale = pv_bits == 8 ? vscale.data_ptr<float>() : nullptr;
-  p.vmean = pv_bits == 8 ? vmean.data_ptr<float>() : nullptr;
+  // One workspace allocation for every intermediate (codes, scales, statistics, V, lse).
+  const bool bf = dt == rc::kBF16;  // 16-bit P·V operands: bf16 for bf16 inputs (quant.pv_half_dtype)
+  Workspace ws;
+  const size_t o_qc = ws.take(bh * nq * rb), o_qs = ws.take(bh * nq * 4);
+  const size_t o_kc = ws.take(bh * nkp * rb), o_ks = ws.take(bh * nkp * 4);
+  const size_t o_kmean = smooth_k ? ws.take(bh * d * 4) : 0;
+  const size_t o_vmean0 = pv_bits == 8 ? ws.take(bh * dv * 4) : 0, o_vamax = pv_bits == 8 ? ws.take(bh * dv * 4) : 0;
+  const size_t o_vt = ws.take(bh * hd * nkp * (pv_bits == 8 ? 1 : 2));
+  const size_t o_vscale = pv_bits == 8 ? ws.take(bh * hd * 4) : 0, o_vmean = pv_bits == 8 ? ws.take(bh * hd * 4) : 0;
+  const size_t o_lse = second_pass ? ws.take(bh * nq * 4) : 0;
+  at::Tensor work = at::empty({static_cast<int64_t>(ws.size)}, u8);
+  uint8_t* w = work.data_ptr<uint8_t>();
+  auto F = [w](size_t off) { return reinterpret_cast<float*>(w + off); };
+
+  // Statistics (K mean for smoothing, V mean and centred absmax for int8 P·V): one launch.
+  if (smooth_k || pv_bits == 8)
+    RAAD_CUDA_OK(rc::channel_stats2(dt, bh, smooth_k ? k.data_ptr() : nullptr, static_cast<int>(nk),
+                                    static_cast<int>(d), F(o_kmean), nullptr,
+                                    pv_bits == 8 ? v.data_ptr() : nullptr, static_cast<int>(nk),
+                                    static_cast<int>(dv), F(o_vmean0), F(o_vamax), st));
+  // Q and K: rotation, per-token quantization, packing: one launch.
+  RAAD_CUDA_OK(rc::quantize_qk(dt, bh, static_cast<int>(d), rotate, rs, static_cast<int>(qk_bits), hd,
+                               q.data_ptr(), static_cast<int>(nq), w + o_qc, F(o_qs), k.data_ptr(),
+                               smooth_k ? F(o_kmean) : nullptr, static_cast<int>(nk), nkp, w + o_kc, F(o_ks), st));
+  // V: per-channel int8 (pv 8) or 16-bit (pv 16), transposed.
+  const int pv_mode = pv_bits == 8 ? 0 : (bf ? 2 : 1);
+  if (pv_bits == 8) {
+    RAAD_CUDA_OK(rc::prepare_v_int8(v.data_ptr(), dt, F(o_vmean0), F(o_vamax), bh, static_cast<int>(nk), nkp,
+                                    static_cast<int>(dv), hd, reinterpret_cast<int8_t*>(w + o_vt), F(o_vscale),
+                                    F(o_vmean), st));
+  } else {
+    RAAD_CUDA_OK(rc::prepare_v_half(v.data_ptr(), dt, bh, static_cast<int>(nk), nkp, static_cast<int>(dv), hd,
+                                    bf, reinterpret_cast<uint16_t*>(w + o_vt), st));
+  }
+
+  p.q = w + o_qc;
+  p.qs = F(o_qs);
+  p.k = w + o_kc;
+  p.ks = F(o_ks);
+  p.v = w + o_vt;
+  p.vscale = pv_bits == 8 ? F(o_vscale) : nullptr;
+  p.vmean = pv_bits == 8 ? F(o_vmean) : nullptr;
   p.out = out.data_ptr();
   p.out_dtype = dt;
-  p.lse = second_pass ? lse.data_ptr<float>() : nullptr;
+  p.lse = second_pass ? F(o_lse) : nullptr;
   p.entropy = want_entropy ? entropy->data_ptr<float>() : nullptr;
   p.cls = want_cls ? cls->data_ptr<float>() : nullptr;
   p.received = want_received ? received->data_ptr<float>() : nullptr;
@@ -277,6 +282,8 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> attention(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "raad-kernels CUDA extension: quantized attention kernels (csrc/cuda)";
   m.def("device_count", &raad::cuda_device_count, "CUDA devices visible to the extension's runtime");
+  m.def("kernel_binary_version", &raad::cuda_kernel_binary_version,
+        "SASS architecture this build runs on the current device (86 = sm_86), or -error when none");
   m.def("quantize", &quantize, "Smoothing, rotation and per-token quantization of x (B, H, N, D) → "
         "(packed codes (B, H, N, row_bytes), float32 scales (B, H, N))",
         py::arg("x"), py::arg("bits"), py::arg("rotate") = false, py::arg("smooth") = false);

@@ -236,7 +236,7 @@ RAAD_DEV void qk_block(float (&S)[MT][NT][4], const uint32_t (&qf)[MT][NMMA][4],
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        S[mt][j][i] = static_cast<float>(acc[mt][j][i]) * qsc[mt][i >> 1] * ((i & 1) ? k1 : k0);
+        S[mt][j][i] = i2f_small(acc[mt][j][i]) * qsc[mt][i >> 1] * ((i & 1) ? k1 : k0);
   }
   if (bias) {
 #pragma unroll
@@ -452,9 +452,8 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(const AttnParams p) {
           for (int h = 0; h < 4; ++h) {
             // h: 0 row g keys of n-tiles 4u, 4u+1; 1 row g+8; 2 row g n-tiles 4u+2, 4u+3; 3 row g+8
             const int j0 = 4 * u + 2 * (h >> 1), c0 = 2 * (h & 1);
-            a[mt][u][h] = f2u_rn(S[mt][j0][c0] * 255.f) | (f2u_rn(S[mt][j0][c0 + 1] * 255.f) << 8) |
-                          (f2u_rn(S[mt][j0 + 1][c0] * 255.f) << 16) |
-                          (f2u_rn(S[mt][j0 + 1][c0 + 1] * 255.f) << 24);
+            a[mt][u][h] = pack_u8x4_255(S[mt][j0][c0], S[mt][j0][c0 + 1], S[mt][j0 + 1][c0],
+                                        S[mt][j0 + 1][c0 + 1]);
           }
 #pragma unroll
       for (int np = 0; np < NDV / 2; ++np) {
@@ -477,8 +476,8 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(const AttnParams p) {
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            o[mt][2 * np][i] += static_cast<float>(acc[mt][0][i]);
-            o[mt][2 * np + 1][i] += static_cast<float>(acc[mt][1][i]);
+            o[mt][2 * np][i] += i2f_small(acc[mt][0][i]);  // ≤ 255·127·BN < 2^22
+            o[mt][2 * np + 1][i] += i2f_small(acc[mt][1][i]);
           }
       }
     }

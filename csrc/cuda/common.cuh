@@ -18,6 +18,8 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "raad_cuda.h"
+
 #define RAAD_DEV __device__ __forceinline__
 
 // Kernel launch (the emulator defines its own). `kernel` must be one token: a function pointer
@@ -48,9 +50,6 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
-
-// Element types of the float tensors crossing the binding (codes match the binding's mapping).
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 }  // namespace cuda
 }  // namespace raad
@@ -102,6 +101,21 @@ RAAD_DEV float fast_log2(float x) { return __log2f(x); }
 RAAD_DEV uint32_t f2u_rn(float x) { return __float2uint_rn(x); }
 
 RAAD_DEV void atomic_add_f32(float* p, float v) { atomicAdd(p, v); }
+
+// int32 → float, exact for |i| < 2^22 (the Q·Kᵀ sums: ≤ 127²·256 at int8), with one integer and
+// one float add instead of the quarter-rate I2F: the bits of 1.5·2^23 + i, minus 1.5·2^23.
+RAAD_DEV float i2f_small(int i) { return __int_as_float(i + 0x4B400000) - 12582912.0f; }
+
+// Four probabilities in [0, 1] → round-half-even(255·p) as packed unsigned bytes (first = low
+// byte), through the same magic-number rounding instead of F2I.
+RAAD_DEV uint32_t pack_u8x4_255(float a, float b, float c, float d) {
+  const uint32_t ia = __float_as_uint(fmaf(a, 255.f, 12582912.0f));
+  const uint32_t ib = __float_as_uint(fmaf(b, 255.f, 12582912.0f));
+  const uint32_t ic = __float_as_uint(fmaf(c, 255.f, 12582912.0f));
+  const uint32_t id = __float_as_uint(fmaf(d, 255.f, 12582912.0f));
+  const uint32_t lo = __byte_perm(ia, ib, 0x0040), hi = __byte_perm(ic, id, 0x0040);
+  return __byte_perm(lo, hi, 0x5410);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core mma.sync (D += A·B), fragments as in the PTX ISA (row.col).

@@ -1,7 +1,8 @@
 // Fused quantization kernels (raad_kernels/quant.py is the specification):
 //   channel_stats  per-(bh, channel) token mean (K smoothing, V centring) and max |x - mean|;
 //   quantize_rows  smoothing → Hadamard rotation (FWHT across a warp's registers and lanes) →
-//                  per-token scale (int8: absmax; int4/int2: MSE search over CLIP_GRID·rms) →
+//                  per-token scale (int8: absmax; int4/int2: least squared error among the
+//                  absmax and min(a·rms, absmax), a in CLIP_GRID) →
 //                  round-half-even codes → packed bytes;
 //   prepare_v_*    V per-channel int8 (or fp16/bf16) transposed to the layout P·V reads.
 // Division and square roots are IEEE (__fdiv_rn, __fsqrt_rn) although the build uses fast math,
@@ -19,13 +20,26 @@ constexpr float kFltMin = 1.17549435e-38f;
 // ---------------------------------------------------------------------------------------------
 // Channel statistics over tokens
 // ---------------------------------------------------------------------------------------------
+// Two independent jobs per launch (K's mean and V's statistics share one launch).
+struct StatsJob {
+  const void* x;
+  int n, d, dblocks;
+  float* mean;
+  float* absmax_c;
+};
+
 template <int DT>
-__global__ void __launch_bounds__(256) channel_stats_kernel(const void* __restrict__ x, int n, int d,
-                                                            int dblocks, float* __restrict__ mean,
-                                                            float* __restrict__ absmax_c) {
+__global__ void __launch_bounds__(256) channel_stats_kernel(const StatsJob j0, const StatsJob j1,
+                                                            int64_t blocks0) {
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
-  const int64_t bh = blockIdx.x / dblocks;
-  const int c = static_cast<int>(blockIdx.x % dblocks) * 32 + tx;
+  const bool first = blockIdx.x < blocks0;
+  const int64_t blk = first ? blockIdx.x : blockIdx.x - blocks0;
+  const void* x = first ? j0.x : j1.x;
+  const int n = first ? j0.n : j1.n, d = first ? j0.d : j1.d, dblocks = first ? j0.dblocks : j1.dblocks;
+  float* mean = first ? j0.mean : j1.mean;
+  float* absmax_c = first ? j0.absmax_c : j1.absmax_c;
+  const int64_t bh = blk / dblocks;
+  const int c = static_cast<int>(blk % dblocks) * 32 + tx;
   float s = 0.f, mn = kInf, mx = -kInf;
   if (c < d) {
     const size_t base = static_cast<size_t>(bh) * n * d + c;
@@ -97,14 +111,29 @@ struct ClipGrid<2> {
   }
 };
 
+// Q and K are quantized by one launch: rows [0, j0.rows) are job 0, the rest job 1.
+struct RowJob {
+  const void* x;
+  const float* mean;  // per-(bh, channel) smoothing mean, or null
+  int n, npad;
+  int64_t rows;       // bh · npad
+  uint8_t* codes;
+  float* scales;
+};
+
 template <int DT, int BITS, int E>
-__global__ void __launch_bounds__(256) quantize_rows_kernel(
-    const void* __restrict__ x, const float* __restrict__ mean, int64_t rows_total, int n, int npad,
-    int d, int dr, float rot_scale, int qdim, int rb, uint8_t* __restrict__ codes,
-    float* __restrict__ scales) {
+__global__ void __launch_bounds__(256) quantize_rows_kernel(const RowJob j0, const RowJob j1, int d,
+                                                            int dr, float rot_scale, int qdim, int rb) {
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (row >= rows_total) return;  // whole warp
+  int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const bool first = row < j0.rows;
+  if (!first) row -= j0.rows;
+  if (row >= (first ? j0.rows : j1.rows)) return;  // whole warp
+  const void* __restrict__ x = first ? j0.x : j1.x;
+  const float* __restrict__ mean = first ? j0.mean : j1.mean;
+  const int n = first ? j0.n : j1.n, npad = first ? j0.npad : j1.npad;
+  uint8_t* __restrict__ codes = first ? j0.codes : j1.codes;
+  float* __restrict__ scales = first ? j0.scales : j1.scales;
   const int64_t bh = row / npad;
   const int tok = static_cast<int>(row % npad);
   uint8_t* dst = codes + row * rb;
@@ -168,9 +197,11 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(
     const float rms = sqrt_rn(div_rn(ss, static_cast<float>(qdim)));
     float best_err = 0.f;
     scale = 0.f;
+    // Candidates: the absmax first, then min(a·rms, absmax) for a in CLIP_GRID.
 #pragma unroll
-    for (int ci = 0; ci < ClipGrid<BITS>::n; ++ci) {
-      const float s = div_rn(fminf(ClipGrid<BITS>::at(ci) * rms, amax), qmax);
+    for (int ci = 0; ci <= ClipGrid<BITS>::n; ++ci) {
+      const float clip = ci == 0 ? amax : fminf(ClipGrid<BITS>::at(ci - 1) * rms, amax);
+      const float s = div_rn(clip, qmax);
       const float s_safe = s > 0.f ? s : 1.f;
       float err = 0.f;
 #pragma unroll
@@ -181,7 +212,7 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(
         }
       }
       err = warp_sum(err);
-      if (ci == 0 || err < best_err) {  // strict: ties keep the smaller multiple
+      if (ci == 0 || err < best_err) {  // strict: ties keep the earlier candidate
         best_err = err;
         scale = s;
       }
@@ -301,65 +332,71 @@ __global__ void __launch_bounds__(256) prep_v_half_kernel(const void* __restrict
 }
 
 template <int BITS, int E>
-cudaError_t launch_quantize(const void* x, int dtype, const float* mean, int64_t rows, int n, int npad,
-                            int d, int dr, float rot_scale, int qdim, int rb, uint8_t* codes,
-                            float* scales, cudaStream_t stream) {
+cudaError_t launch_quantize(const RowJob& j0, const RowJob& j1, int dtype, int d, int dr, float rot_scale,
+                            int qdim, int rb, cudaStream_t stream) {
+  const int64_t rows = j0.rows + j1.rows;
   const dim3 grid(static_cast<unsigned>((rows + 7) / 8)), block(256);
   if (dtype == kF32) {
     auto kfn = quantize_rows_kernel<kF32, BITS, E>;
-    RAAD_LAUNCH(kfn, grid, block, 0, stream, x, mean, rows, n, npad, d, dr, rot_scale, qdim, rb, codes, scales);
+    RAAD_LAUNCH(kfn, grid, block, 0, stream, j0, j1, d, dr, rot_scale, qdim, rb);
   } else if (dtype == kF16) {
     auto kfn = quantize_rows_kernel<kF16, BITS, E>;
-    RAAD_LAUNCH(kfn, grid, block, 0, stream, x, mean, rows, n, npad, d, dr, rot_scale, qdim, rb, codes, scales);
+    RAAD_LAUNCH(kfn, grid, block, 0, stream, j0, j1, d, dr, rot_scale, qdim, rb);
   } else {
     auto kfn = quantize_rows_kernel<kBF16, BITS, E>;
-    RAAD_LAUNCH(kfn, grid, block, 0, stream, x, mean, rows, n, npad, d, dr, rot_scale, qdim, rb, codes, scales);
+    RAAD_LAUNCH(kfn, grid, block, 0, stream, j0, j1, d, dr, rot_scale, qdim, rb);
   }
   return cudaGetLastError();
 }
 
 template <int BITS>
-cudaError_t quantize_bits(const void* x, int dtype, const float* mean, int64_t rows, int n, int npad,
-                          int d, int dr, float rot_scale, int qdim, int hd, uint8_t* codes,
-                          float* scales, cudaStream_t stream) {
+cudaError_t quantize_bits(const RowJob& j0, const RowJob& j1, int dtype, int d, int dr, float rot_scale,
+                          int qdim, int hd, cudaStream_t stream) {
   const int rb = row_bytes(BITS, hd);
   switch (hd) {
-    case 64:
-      return launch_quantize<BITS, 2>(x, dtype, mean, rows, n, npad, d, dr, rot_scale, qdim, rb, codes, scales, stream);
-    case 128:
-      return launch_quantize<BITS, 4>(x, dtype, mean, rows, n, npad, d, dr, rot_scale, qdim, rb, codes, scales, stream);
-    case 256:
-      return launch_quantize<BITS, 8>(x, dtype, mean, rows, n, npad, d, dr, rot_scale, qdim, rb, codes, scales, stream);
-    default:
-      return cudaErrorInvalidValue;
+    case 64: return launch_quantize<BITS, 2>(j0, j1, dtype, d, dr, rot_scale, qdim, rb, stream);
+    case 128: return launch_quantize<BITS, 4>(j0, j1, dtype, d, dr, rot_scale, qdim, rb, stream);
+    case 256: return launch_quantize<BITS, 8>(j0, j1, dtype, d, dr, rot_scale, qdim, rb, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-cudaError_t channel_stats(const void* x, int dtype, int64_t bh, int n, int d, float* mean,
-                          float* absmax_c, cudaStream_t stream) {
-  if (bh <= 0 || n <= 0 || d <= 0) return cudaSuccess;
-  const int dblocks = (d + 31) / 32;
-  const dim3 grid(static_cast<unsigned>(bh * dblocks)), block(256);
+cudaError_t channel_stats2(int dtype, int64_t bh, const void* x0, int n0, int d0, float* mean0,
+                           float* absmax0, const void* x1, int n1, int d1, float* mean1, float* absmax1,
+                           cudaStream_t stream) {
+  if (bh <= 0) return cudaSuccess;
+  StatsJob j0{x0, n0, d0, (d0 + 31) / 32, mean0, absmax0};
+  StatsJob j1{x1, n1, d1, (d1 + 31) / 32, mean1, absmax1};
+  const int64_t b0 = x0 ? bh * j0.dblocks : 0, b1 = x1 ? bh * j1.dblocks : 0;
+  if (b0 + b1 == 0) return cudaSuccess;
+  if ((x0 && (n0 <= 0 || d0 <= 0)) || (x1 && (n1 <= 0 || d1 <= 0))) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(b0 + b1)), block(256);
   const size_t smem = 3 * 256 * sizeof(float);
   if (dtype == kF32) {
     auto kfn = channel_stats_kernel<kF32>;
-    RAAD_LAUNCH(kfn, grid, block, smem, stream, x, n, d, dblocks, mean, absmax_c);
+    RAAD_LAUNCH(kfn, grid, block, smem, stream, j0, j1, b0);
   } else if (dtype == kF16) {
     auto kfn = channel_stats_kernel<kF16>;
-    RAAD_LAUNCH(kfn, grid, block, smem, stream, x, n, d, dblocks, mean, absmax_c);
+    RAAD_LAUNCH(kfn, grid, block, smem, stream, j0, j1, b0);
   } else {
     auto kfn = channel_stats_kernel<kBF16>;
-    RAAD_LAUNCH(kfn, grid, block, smem, stream, x, n, d, dblocks, mean, absmax_c);
+    RAAD_LAUNCH(kfn, grid, block, smem, stream, j0, j1, b0);
   }
   return cudaGetLastError();
 }
 
-cudaError_t quantize_rows(const void* x, int dtype, const float* mean, int64_t bh, int n, int npad,
-                          int d, bool rotate, float rot_scale, int bits, int hd, uint8_t* codes,
-                          float* scales, cudaStream_t stream) {
-  if (bh <= 0 || npad <= 0) return cudaSuccess;
+cudaError_t channel_stats(const void* x, int dtype, int64_t bh, int n, int d, float* mean,
+                          float* absmax_c, cudaStream_t stream) {
+  return channel_stats2(dtype, bh, x, n, d, mean, absmax_c, nullptr, 0, 0, nullptr, nullptr, stream);
+}
+
+cudaError_t quantize_qk(int dtype, int64_t bh, int d, bool rotate, float rot_scale, int bits, int hd,
+                        const void* q, int nq, uint8_t* qcodes, float* qscales, const void* k,
+                        const float* kmean, int nk, int nkpad, uint8_t* kcodes, float* kscales,
+                        cudaStream_t stream) {
+  if (bh <= 0) return cudaSuccess;
   int dr = 0;
   int qdim = d;
   if (rotate) {
@@ -368,17 +405,22 @@ cudaError_t quantize_rows(const void* x, int dtype, const float* mean, int64_t b
     qdim = dr;
   }
   if (qdim > hd || d > hd) return cudaErrorInvalidValue;
-  const int64_t rows = bh * npad;
+  RowJob j0{q, nullptr, nq, nq, q ? bh * nq : 0, qcodes, qscales};
+  RowJob j1{k, kmean, nk, nkpad, k ? bh * nkpad : 0, kcodes, kscales};
+  if (j0.rows + j1.rows == 0) return cudaSuccess;
   switch (bits) {
-    case 8:
-      return quantize_bits<8>(x, dtype, mean, rows, n, npad, d, dr, rot_scale, qdim, hd, codes, scales, stream);
-    case 4:
-      return quantize_bits<4>(x, dtype, mean, rows, n, npad, d, dr, rot_scale, qdim, hd, codes, scales, stream);
-    case 2:
-      return quantize_bits<2>(x, dtype, mean, rows, n, npad, d, dr, rot_scale, qdim, hd, codes, scales, stream);
-    default:
-      return cudaErrorInvalidValue;
+    case 8: return quantize_bits<8>(j0, j1, dtype, d, dr, rot_scale, qdim, hd, stream);
+    case 4: return quantize_bits<4>(j0, j1, dtype, d, dr, rot_scale, qdim, hd, stream);
+    case 2: return quantize_bits<2>(j0, j1, dtype, d, dr, rot_scale, qdim, hd, stream);
+    default: return cudaErrorInvalidValue;
   }
+}
+
+cudaError_t quantize_rows(const void* x, int dtype, const float* mean, int64_t bh, int n, int npad,
+                          int d, bool rotate, float rot_scale, int bits, int hd, uint8_t* codes,
+                          float* scales, cudaStream_t stream) {
+  return quantize_qk(dtype, bh, d, rotate, rot_scale, bits, hd, nullptr, 0, nullptr, nullptr, x, mean, n,
+                     npad, codes, scales, stream);
 }
 
 cudaError_t prepare_v_int8(const void* v, int dtype, const float* mean, const float* absmax_c,

@@ -28,6 +28,9 @@ namespace cuda {
 
 constexpr int kKeyPad = 64;
 
+// Element types of the float tensors crossing the binding.
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
 inline int head_bucket(int d) { return d <= 64 ? 64 : (d <= 128 ? 128 : 256); }
 inline int row_bytes(int bits, int hd) { return hd * bits / 8; }
 
@@ -36,12 +39,23 @@ inline int row_bytes(int bits, int hd) { return hd * bits / 8; }
 cudaError_t channel_stats(const void* x, int dtype, int64_t bh, int n, int d, float* mean,
                           float* absmax_c, cudaStream_t stream);
 
+// Both statistics in one launch (x0 or x1 may be null to skip it); same dtype.
+cudaError_t channel_stats2(int dtype, int64_t bh, const void* x0, int n0, int d0, float* mean0,
+                           float* absmax0, const void* x1, int n1, int d1, float* mean1, float* absmax1,
+                           cudaStream_t stream);
+
 // Smoothing (x - mean[bh, :] when mean is non-null) → rotation (Hadamard over the next power of
 // two of d, when rotate) → per-row quantization at bits with the quant.py rules → packed codes.
 // x [BH, N, D]; codes [BH, Npad, row_bytes(bits, hd)]; scales [BH, Npad]. hd ≥ quantized dim.
 cudaError_t quantize_rows(const void* x, int dtype, const float* mean, int64_t bh, int n, int npad,
                           int d, bool rotate, float rot_scale, int bits, int hd, uint8_t* codes,
                           float* scales, cudaStream_t stream);
+
+// Q (no smoothing, no padding rows) and K (optional mean, nkpad rows) in one launch.
+cudaError_t quantize_qk(int dtype, int64_t bh, int d, bool rotate, float rot_scale, int bits, int hd,
+                        const void* q, int nq, uint8_t* qcodes, float* qscales, const void* k,
+                        const float* kmean, int nk, int nkpad, uint8_t* kcodes, float* kscales,
+                        cudaStream_t stream);
 
 // V → int8 per channel (pv_bits 8): uses mean/absmax_c from channel_stats.
 cudaError_t prepare_v_int8(const void* v, int dtype, const float* mean, const float* absmax_c,

@@ -88,6 +88,17 @@ inline float fast_exp2(float x) { return std::exp2(x); }
 inline float fast_log2(float x) { return std::log2(x); }
 inline uint32_t f2u_rn(float x) { return x <= 0.f ? 0u : static_cast<uint32_t>(std::nearbyint(x)); }
 inline void atomic_add_f32(float* p, float v) { std::atomic_ref<float>(*p).fetch_add(v); }
+inline float i2f_small(int i) {
+  if (i >= (1 << 22) || i < -(1 << 22)) raad_emu::fail("i2f_small argument out of range");
+  return static_cast<float>(i);
+}
+inline uint32_t pack_u8x4_255(float a, float b, float c, float d) {
+  auto q = [](float p) {
+    if (!(p >= 0.f && p <= 1.f)) raad_emu::fail("probability outside [0, 1]");
+    return static_cast<uint32_t>(std::nearbyint(p * 255.f));
+  };
+  return q(a) | (q(b) << 8) | (q(c) << 16) | (q(d) << 24);
+}
 
 // ---------------------------------------------------------------------------------------------
 // mma.sync: each lane deposits its fragments; each lane computes its own D elements.

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# GPU check of raad-kernels, for a GPU machine with PyTorch, Triton and nvcc but no network.
+#
+#   benchmarks/gpu_check.sh [SAGE_WHEEL_DIR]
+#
+# Run from the repository root (or anywhere: it cd's there). Steps, each logged, time-boxed and
+# continued past on failure:
+#   1. build the extensions in place for this GPU's architecture (setup.py build_ext --inplace);
+#   2. the `gpu` tests (pytest -m gpu);
+#   3. compute-sanitizer memcheck and racecheck on one small call of every CUDA kernel;
+#   4. the benchmark table (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and
+#      against SageAttention 1.0.6 when SAGE_WHEEL_DIR holds its wheel (installed offline into a
+#      temporary folder, --no-deps --no-index);
+#   5. results under $OUT (default ./gpu_check_out): gpu_results.md, gpu_results.json, and the
+#      logs gpu_check.log, build.log, gpu_tests.log, sanitizer.log, bench.log.
+# The whole run is budgeted to finish within 8 minutes (GPU_CHECK_BUDGET_S, default 460 s);
+# the exit code is non-zero when the build, a test or a sanitizer check failed.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+SAGE_DIR="${1:-}"
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-460}
+DEADLINE=$((START + BUDGET))
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+FAIL=0
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( DEADLINE - $(date +%s) )); }
+# step_timeout WANTED RESERVE: WANTED seconds, cut so RESERVE seconds stay for later steps
+step_timeout() {
+  local t=$(( $(left) - $2 ))
+  (( t > $1 )) && t=$1
+  (( t < 5 )) && t=5
+  echo "$t"
+}
+
+# run_tb SECONDS CMD...: CMD in its own process group, the whole group ended after SECONDS (so a
+# timed-out build takes its compilers with it). Returns CMD's status, 124 on timeout.
+run_tb() {
+  local secs=$1; shift
+  setsid -w "$@" &
+  local pid=$!
+  setsid bash -c "sleep $secs; touch '$OUT/.timeout.$pid'; kill -TERM -- -$pid 2>/dev/null; sleep 5; kill -KILL -- -$pid 2>/dev/null" &
+  local wd=$!
+  wait "$pid"
+  local rc=$?
+  kill -TERM -- -"$wd" 2>/dev/null
+  wait "$wd" 2>/dev/null
+  if [[ -e "$OUT/.timeout.$pid" ]]; then rm -f "$OUT/.timeout.$pid"; rc=124; fi
+  return $rc
+}
+
+log "start: $(date -u +%FT%TZ) on $(hostname); budget ${BUDGET}s; results in $OUT"
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch, sys
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible")
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+EOF
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee -a "$LOG"
+command -v nvcc >/dev/null && nvcc --version | tail -1 | tee -a "$LOG"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Build (this GPU's arch only, all cores)
+# ---------------------------------------------------------------------------------------------
+ARCH=$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "9.0")
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+log "1. build: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+T=$(step_timeout 200 240)
+if run_tb "$T" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  log "   build ok"
+else
+  rc=$?; FAIL=1
+  log "   BUILD FAILED (rc=$rc, timeout ${T}s); tail of build.log:"
+  tail -25 "$OUT/build.log" | tee -a "$LOG"
+fi
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import raad_kernels as rk
+for name, st in rk.backends().items():
+    print(f"   backend {name:7s} built={st.built} runnable={st.runnable}: {st.reason}")
+EOF
+SO=$(ls raad_kernels/_cuda*.so 2>/dev/null | head -1)
+if [[ -n "$SO" ]] && command -v cuobjdump >/dev/null; then
+  log "   tensor-core instructions in $SO (cuobjdump -sass):"
+  cuobjdump -sass "$SO" 2>/dev/null | grep -oE "\b(IMMA|HMMA|HGMMA|IGMMA)\.[A-Z0-9.]+" | sort | uniq -c | tee -a "$LOG"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2. GPU tests
+# ---------------------------------------------------------------------------------------------
+T=$(step_timeout 150 180)
+log "2. pytest -m gpu (timeout ${T}s)"
+run_tb "$T" "$PY" -m pytest -q -m gpu --no-header -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1
+rc=$?
+tail -15 "$OUT/gpu_tests.log" | tee -a "$LOG"
+if (( rc == 0 )); then log "   gpu tests passed"
+elif (( rc == 5 )); then log "   no gpu tests collected (rc=5)"; FAIL=1
+else log "   GPU TESTS FAILED or timed out (rc=$rc)"; FAIL=1; fi
+
+# ---------------------------------------------------------------------------------------------
+# 3. compute-sanitizer on one small call of each kernel
+# ---------------------------------------------------------------------------------------------
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+: > "$OUT/sanitizer.log"
+if [[ -z "$SAN" ]]; then
+  log "3. compute-sanitizer not found: skipped"
+else
+  for tool in memcheck racecheck; do
+    if [[ $tool == memcheck ]]; then T=$(step_timeout 60 130); else T=$(step_timeout 60 80); fi
+    log "3. compute-sanitizer --tool $tool (timeout ${T}s)"
+    echo "===== $tool =====" >> "$OUT/sanitizer.log"
+    run_tb "$T" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 \
+      "$PY" benchmarks/sanitize_gpu.py >> "$OUT/sanitizer.log" 2>&1
+    rc=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_gpu:" "$OUT/sanitizer.log" | tail -3 | tee -a "$LOG"
+    if (( rc == 0 )); then log "   $tool clean"
+    elif (( rc == 124 )); then log "   $tool timed out (not a finding)"
+    else log "   $tool FOUND ERRORS or failed (rc=$rc)"; FAIL=1; fi
+  done
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4. Benchmarks (SageAttention from a wheel folder when given)
+# ---------------------------------------------------------------------------------------------
+if [[ -n "$SAGE_DIR" ]]; then
+  WHL=$(ls "$SAGE_DIR"/sageattention-1.0.6*.whl 2>/dev/null | head -1)
+  [[ -z "$WHL" ]] && WHL=$(ls "$SAGE_DIR"/sageattention-*.whl 2>/dev/null | head -1)
+  if [[ -n "$WHL" ]]; then
+    SITE=$(mktemp -d)
+    if "$PY" -m pip install -q --no-deps --no-index --no-compile --target "$SITE" "$WHL" >> "$LOG" 2>&1; then
+      export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+      log "4. SageAttention from $(basename "$WHL") in $SITE"
+    else
+      log "4. SageAttention wheel $WHL did not install: benchmarking without it"
+    fi
+  else
+    log "4. no sageattention wheel in $SAGE_DIR: benchmarking without it"
+  fi
+fi
+T=$(( $(left) - 10 ))
+if (( T > 30 )); then
+  log "4. bench_gpu.py (budget $((T - 15))s, hard timeout ${T}s)"
+  run_tb "$T" "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget $((T - 15)) > "$OUT/bench.log" 2>&1
+  rc=$?
+  tail -45 "$OUT/bench.log" | tee -a "$LOG"
+  (( rc != 0 )) && log "   bench_gpu.py ended early (rc=$rc; its partial table is in $OUT)"
+else
+  log "4. no time left for the benchmarks"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 5. Summary
+# ---------------------------------------------------------------------------------------------
+log "5. done in $(( $(date +%s) - START ))s; results: $(ls "$OUT" | tr '\n' ' ')"
+if (( FAIL )); then log "RESULT: FAILED (see the logs above)"; else log "RESULT: passed"; fi
+exit $FAIL
