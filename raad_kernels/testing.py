@@ -97,7 +97,10 @@ def check_maps(maps, emulated_maps, ref_maps, qk_bits: int, what: str = "backend
         e, e_ref = error(m, ref_maps[name]), error(emulated_maps[name], ref_maps[name])
         assert e.rel_l2 <= REL_SLACK * e_ref.rel_l2 + ABS_SLACK, \
             f"{label}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
-        assert not floor or e.cos >= MAP_COS_FLOOR[qk_bits], \
+        # A single row (cls at int2, small D) can miss the floor in the scheme itself; the floor
+        # then says nothing about the backend, and the relative rule above carries the check.
+        emu_meets = e_ref.cos >= MAP_COS_FLOOR[qk_bits]
+        assert not floor or not emu_meets or e.cos >= MAP_COS_FLOOR[qk_bits], \
             f"{label}: cos {e.cos:.6f} below {MAP_COS_FLOOR[qk_bits]}"
 
 

@@ -2,7 +2,9 @@
 
 Modules: :mod:`.quantize` (fused smoothing / rotation / scales / packing, V per-channel
 quantization), :mod:`.flash` (flash forward with int8/int4/int2 Q·Kᵀ, int8 or 16-bit P·V,
-the ``cls``/``entropy`` maps in the same pass and ``received`` in a second streaming pass).
+the ``entropy`` map in the same pass, ``cls`` and ``received`` in a second pass over the keys
+that uses the saved log-sum-exp), :mod:`._aot` (compiles every kernel variant for sm_86/sm_90
+without a GPU: ``python -m raad_kernels.triton._aot``).
 """
 
 from __future__ import annotations
@@ -42,5 +44,9 @@ def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=No
         raise ValueError(f"the triton backend cannot run tensors on device {q.device} "
                          f"({status().reason})")
     from .flash import forward
-    return forward(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=attn_mask,
-                   smooth_k=smooth_k, rotate=rotate, return_maps=return_maps, out=out)
+    kw = dict(qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=attn_mask,
+              smooth_k=smooth_k, rotate=rotate, return_maps=return_maps, out=out)
+    if q.device.type == "cuda" and not INTERPRET:
+        with torch.cuda.device(q.device):  # launch on the tensors' GPU, not the current one
+            return forward(q, k, v, **kw)
+    return forward(q, k, v, **kw)

@@ -74,16 +74,17 @@ def round_bf16(x):
 
 
 @triton.jit
-def load_codes(C, bh, rows, N, R: tl.constexpr, BITS: tl.constexpr, DPT: tl.constexpr):
-    """Load rows ``rows`` of a packed code matrix (BH, N, DPT // per_byte), unpacked to int8
-    codes [R, DPT] in natural channel order. Rows >= N read as zero bytes.
+def load_codes(C, rows, N, R: tl.constexpr, BITS: tl.constexpr, DPT: tl.constexpr):
+    """Load rows ``rows`` of one (batch, head)'s packed code matrix (N, DPT // per_byte) at
+    ``C`` (a scalar pointer: 64-bit base, 32-bit tile offsets), unpacked to int8 codes [R, DPT]
+    in natural channel order. Rows >= N read as zero bytes.
 
     int4: two's-complement nibbles, element 2j in the low nibble of byte j (sign-extended with an
     arithmetic shift pair). int2: element 4j+i at bits 2i..2i+1 of byte j, code = 2u - 3.
     The byte planes are put back in order with ``join`` + ``reshape`` (row-major interleave)."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = DPT // PER
-    ptrs = C + (bh * N + rows)[:, None] * NB + tl.arange(0, NB)[None, :]
+    ptrs = C + rows[:, None] * NB + tl.arange(0, NB)[None, :]
     b = tl.load(ptrs, mask=(rows < N)[:, None], other=0)  # int8 view of the storage
     if BITS == 8:
         return b

@@ -14,26 +14,30 @@ of ``BLOCK_N`` (online softmax in base 2: ``scale · log2(e)`` is folded into th
 * P·V at 8 bits: P → ``p8 = round(255 · P)`` in [0, 255] (unsigned, scale 1/255) and V → int8
   per-channel codes (``quant.prepare_v``). ``tl.dot`` needs both operands int8, so the kernel
   multiplies ``(p8 - 128)`` (exactly int8) and adds back ``128 · Σ_j v[j]`` (the block's column
-  sums of the V codes): ``p8 · v = (p8 - 128) · v + 128 · Σ v``, exact in int32. P is
+  sums of the V codes, written per BLOCK_N keys by the V quantization pass, so the V tile goes
+  straight to the dot): ``p8 · v = (p8 - 128) · v + 128 · Σ v``, exact in int32. P is
   quantized against the *running* row max (the one flash attention knows when the block is
   processed); when the max later grows, the block's int32 product is rescaled in fp32 with the
   rest of the accumulator. The torch backend quantizes against the final max; the accuracy rule
   covers the difference.
 * Masks: boolean (True = attend) or additive, broadcast to (B, H, Nq, Nk) through strides (0 for
-  broadcast dims). Keys past Nk get -inf. NaN guards: a row whose every key so far is -inf uses
+  broadcast dims). A mask that is the same for every query (key padding) is read as one vector
+  per key block; a general one as a tile (which costs registers: the pipeliner keeps the next
+  tile's addresses live). Keys past Nk get -inf. NaN guards: a row whose every key so far is -inf uses
   0 as the exponent offset (so ``exp2(-inf - 0) = 0``, never ``-inf - -inf``); a fully masked
   row ends with l = 0 and is written as zeros (and -inf lse, zero entropy, zero cls/received).
-* Maps in the same pass: ``entropy`` from an online accumulator
-  ``E = Σ e_j (t_j - m)`` (rescaled as ``α (E + (m_old - m_new) l)`` when the max moves), so
-  ``H = ln l - ln2 · E / l``; ``cls``: the program owning query 0 writes row 0's logits (base 2)
-  to the output as it goes, then normalises them in place with its final lse (after a barrier).
-  ``received``: a second kernel, one program per key block, streams over the queries and adds
-  ``exp2(t - lse)`` using the lse saved by the first pass (O(B·H·N) extra memory).
+* ``entropy`` in the same pass, from an online accumulator ``E = Σ e_j (t_j - m)`` (rescaled as
+  ``α (E + (m_old - m_new) l)`` when the max moves), so ``H = ln l - ln2 · E / l`` (+2 registers).
+* ``cls`` and ``received``: a second kernel (:func:`_attn_colmaps_kernel`), one program per
+  key block, from the log-sum-exp the first pass saves (O(B·H·N) extra memory): cls from one
+  16-query tile, received streaming over all query blocks. (cls was first written inside the
+  main pass by the program owning query 0; that cost every program ~60 registers — the kernel
+  is compiled once for all of them — and pushed D = 128 into register spills, while the tile
+  here costs one small dot per key block.)
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -41,8 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from ._common import (INTERPRET, LN2, LOG2E, MAX_HEAD_DIM, load_codes, next_pow2, rne_small,
-                      round_bf16)
+from ._common import INTERPRET, LOG2E, MAX_HEAD_DIM, load_codes, next_pow2, rne_small, round_bf16
 from .quantize import code_width, column_stats, quantize_qk
 
 
@@ -51,17 +54,24 @@ from .quantize import code_width, column_stats, quantize_qk
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scores(q, qs, Kc, Ks, bh, cols, Nk, Mask, mask_base, rows, Nq, smm, smn,
+def _scores(q, qs, Kb, Ksb, cols, Nk, Mb, rows, Nq, smm, smn,
             QK_BITS: tl.constexpr, DPT: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
     """Base-2 logits t [BLOCK_M, BLOCK_N] of the query tile against keys ``cols`` (-inf outside
-    the keys and where masked)."""
-    k = load_codes(Kc, bh, cols, Nk, BLOCK_N, QK_BITS, DPT)
-    ks = tl.load(Ks + bh * Nk + cols, mask=cols < Nk, other=0.0)
+    the keys and where masked). ``Kb``, ``Ksb``, ``Mb``: this (batch, head)'s base pointers."""
+    k = load_codes(Kb, cols, Nk, BLOCK_N, QK_BITS, DPT)
+    ks = tl.load(Ksb + cols, mask=cols < Nk, other=0.0)
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
     t = s.to(tl.float32) * qs[:, None] * ks[None, :]
-    if HAS_MASK:
-        mptr = Mask + mask_base + rows[:, None] * smm + cols[None, :] * smn
+    if HAS_MASK == 1:  # per-key mask (broadcast over queries): one [BLOCK_N] vector
+        if MASK_BOOL:
+            mk = tl.load(Mb + cols * smn, mask=cols < Nk, other=1)
+            t = tl.where((mk != 0)[None, :], t, float("-inf"))
+        else:
+            mk = tl.load(Mb + cols * smn, mask=cols < Nk, other=0.0)
+            t = t + (mk * 1.4426950408889634)[None, :]
+    elif HAS_MASK == 2:  # general (Nq, Nk) mask: a [BLOCK_M, BLOCK_N] tile
+        mptr = Mb + rows[:, None] * smm + cols[None, :] * smn
         inb = (rows < Nq)[:, None] & (cols < Nk)[None, :]
         if MASK_BOOL:
             mk = tl.load(mptr, mask=inb, other=1)
@@ -73,34 +83,44 @@ def _scores(q, qs, Kc, Ks, bh, cols, Nk, Mask, mask_base, rows, Nq, smm, smn,
 
 
 @triton.jit
-def _load_q(Qc, Qs, bh, rows, Nq, qk_scale, BLOCK_M: tl.constexpr, QK_BITS: tl.constexpr,
+def _load_q(Qb, Qsb, rows, Nq, qk_scale, BLOCK_M: tl.constexpr, QK_BITS: tl.constexpr,
             DPT: tl.constexpr, D_EFF: tl.constexpr):
-    q = load_codes(Qc, bh, rows, Nq, BLOCK_M, QK_BITS, DPT)
+    q = load_codes(Qb, rows, Nq, BLOCK_M, QK_BITS, DPT)
     if QK_BITS == 2:
         if D_EFF < DPT:  # padded int2 channels hold code -3: zero them on the Q side
             q = tl.where((tl.arange(0, DPT) < D_EFF)[None, :], q, 0).to(tl.int8)
-    qs = tl.load(Qs + bh * Nq + rows, mask=rows < Nq, other=0.0) * qk_scale
+    qs = tl.load(Qsb + rows, mask=rows < Nq, other=0.0) * qk_scale
     return q, qs
 
 
 @triton.jit
-def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Mask, Out, Lse, Cls, Ent,
-                     qk_scale, Nq, Nk, DV, H, NBLK_M,
+def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Vsum, Mask, Out, Lse, Ent,
+                     qk_scale, Nq, Nk, DV, H,
                      svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som, sod,
                      QK_BITS: tl.constexpr, PV_BITS: tl.constexpr, DPT: tl.constexpr,
                      D_EFF: tl.constexpr, DVP: tl.constexpr,
                      HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PV_BF16: tl.constexpr,
-                     INTERP: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_CLS: tl.constexpr,
-                     WRITE_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     INTERP: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_ENT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    NB: tl.constexpr = DPT * QK_BITS // 8  # bytes per code row
     pid = tl.program_id(0)
-    pid_m = pid % NBLK_M
-    bh = (pid // NBLK_M).to(tl.int64)
+    nblk_m = tl.cdiv(Nq, BLOCK_M)
+    pid_m = pid % nblk_m
+    bh = (pid // nblk_m).to(tl.int64)  # 64-bit scalar bases, 32-bit offsets inside a head
     b = bh // H
     h = bh % H
+    Kb = Kc + bh * Nk * NB
+    Ksb = Ks + bh * Nk
+    Mb = Mask + b * smb + h * smh
+    if PV_BITS == 8:
+        Vb = V + bh * Nk * DVP
+        Vsb = Vsum + bh * tl.cdiv(Nk, BLOCK_N) * DVP
+    else:
+        Vb = V + b * svb + h * svh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.arange(0, DVP)
-    q, qs = _load_q(Qc, Qs, bh, rows, Nq, qk_scale, BLOCK_M, QK_BITS, DPT, D_EFF)
-    mask_base = b * smb + h * smh
+    q, qs = _load_q(Qc + bh * Nq * NB, Qs + bh * Nq, rows, Nq, qk_scale, BLOCK_M, QK_BITS,
+                    DPT, D_EFF)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -108,12 +128,8 @@ def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Mask, Out, Lse, Cls, Ent,
     acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        t = _scores(q, qs, Kc, Ks, bh, cols, Nk, Mask, mask_base, rows, Nq, smm, smn,
+        t = _scores(q, qs, Kb, Ksb, cols, Nk, Mb, rows, Nq, smm, smn,
                     QK_BITS, DPT, BLOCK_N, HAS_MASK, MASK_BOOL)
-        if WRITE_CLS:
-            if pid_m == 0:  # raw base-2 logits of query 0; normalised after the loop
-                t0 = tl.max(tl.where((rows == 0)[:, None], t, float("-inf")), axis=0)
-                tl.store(Cls + bh * Nk + cols, t0, mask=cols < Nk)
         m_new = tl.maximum(m_i, tl.max(t, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
         alpha = tl.exp2(m_i - m_use)
@@ -126,13 +142,13 @@ def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Mask, Out, Lse, Cls, Ent,
         acc = acc * alpha[:, None]
         kmask = (cols < Nk)[:, None]
         if PV_BITS == 8:
-            vc = tl.load(V + (bh * Nk + cols)[:, None] * DVP + vcols[None, :], mask=kmask, other=0)
-            pm = (rne_small(p * 255.0) - 128.0).to(tl.int8)
+            vc = tl.load(Vb + cols[:, None] * DVP + vcols[None, :], mask=kmask, other=0)
+            pm = (tl.minimum(rne_small(p * 255.0), 255.0) - 128.0).to(tl.int8)  # exactly int8
             pv = tl.dot(pm, vc, out_dtype=tl.int32)
-            vsum = tl.sum(vc.to(tl.int32), axis=0)
+            vsum = tl.load(Vsb + (start_n // BLOCK_N) * DVP + vcols)  # Σ_j v[j], precomputed
             acc += (pv + 128 * vsum[None, :]).to(tl.float32)
         else:
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + vcols[None, :] * svd,
+            v = tl.load(Vb + cols[:, None] * svn + vcols[None, :] * svd,
                         mask=kmask & (vcols < DV)[None, :], other=0.0)
             if PV_BF16:
                 if INTERP:  # the interpreter has no bf16 dot: bf16-rounded values, fp32 products
@@ -160,68 +176,111 @@ def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Mask, Out, Lse, Cls, Ent,
     if WRITE_ENT:
         ent = tl.where(has, tl.log(l_safe) - 0.6931471805599453 * e_i / l_safe, 0.0)
         tl.store(Ent + bh * Nq + rows, ent, mask=rows < Nq)
-    if WRITE_CLS:
-        if pid_m == 0:
-            tl.debug_barrier()  # this program's raw logits are in Cls
-            lse_safe = tl.where(has, lse, float("inf"))
-            lse0 = tl.min(tl.where(rows == 0, lse_safe, float("inf")), axis=0)
-            for start_n in range(0, Nk, BLOCK_N):
-                cols = start_n + tl.arange(0, BLOCK_N)
-                t0 = tl.load(Cls + bh * Nk + cols, mask=cols < Nk, other=float("-inf"))
-                tl.store(Cls + bh * Nk + cols, tl.exp2(t0 - lse0), mask=cols < Nk)
 
 
 @triton.jit
-def _attn_received_kernel(Qc, Qs, Kc, Ks, Mask, Lse, Recv, qk_scale, Nq, Nk, H, NBLK_N,
-                          smb, smh, smm, smn,
-                          QK_BITS: tl.constexpr, DPT: tl.constexpr, D_EFF: tl.constexpr,
-                          HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """received[j] = mean_i exp2(t_ij - lse_i): one program per key block, streaming queries."""
+def _attn_colmaps_kernel(Qc, Qs, Kc, Ks, Mask, Lse, Cls, Recv, qk_scale, Nq, Nk, H,
+                         smb, smh, smm, smn,
+                         QK_BITS: tl.constexpr, DPT: tl.constexpr, D_EFF: tl.constexpr,
+                         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                         WRITE_CLS: tl.constexpr, WRITE_RECV: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-key maps from the saved lse, one program per key block:
+    cls[j] = exp2(t_0j - lse_0) (from a 16-query tile) and received[j] = mean_i exp2(t_ij - lse_i)
+    (streaming over all query blocks)."""
+    NB: tl.constexpr = DPT * QK_BITS // 8
     pid = tl.program_id(0)
-    pid_n = pid % NBLK_N
-    bh = (pid // NBLK_N).to(tl.int64)
-    mask_base = (bh // H) * smb + (bh % H) * smh
+    nblk_n = tl.cdiv(Nk, BLOCK_N)
+    pid_n = pid % nblk_n
+    bh = (pid // nblk_n).to(tl.int64)
+    Mb = Mask + (bh // H) * smb + (bh % H) * smh
+    Qb = Qc + bh * Nq * NB
+    Qsb = Qs + bh * Nq
+    Kb = Kc + bh * Nk * NB
+    Ksb = Ks + bh * Nk
+    Lb = Lse + bh * Nq
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start_m in range(0, Nq, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q, qs = _load_q(Qc, Qs, bh, rows, Nq, qk_scale, BLOCK_M, QK_BITS, DPT, D_EFF)
-        t = _scores(q, qs, Kc, Ks, bh, cols, Nk, Mask, mask_base, rows, Nq, smm, smn,
-                    QK_BITS, DPT, BLOCK_N, HAS_MASK, MASK_BOOL)
-        lse = tl.load(Lse + bh * Nq + rows, mask=rows < Nq, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows add 0
-        acc += tl.sum(tl.exp2(t - lse[:, None]), axis=0)
-    tl.store(Recv + bh * Nk + cols, acc / Nq, mask=cols < Nk)
+    if WRITE_CLS:
+        rows0 = tl.arange(0, 16)
+        q0, qs0 = _load_q(Qb, Qsb, rows0, Nq, qk_scale, 16, QK_BITS, DPT, D_EFF)
+        t0 = _scores(q0, qs0, Kb, Ksb, cols, Nk, Mb, rows0, Nq, smm, smn,
+                     QK_BITS, DPT, BLOCK_N, HAS_MASK, MASK_BOOL)
+        lse0 = tl.load(Lb + rows0, mask=rows0 < Nq, other=float("inf"))
+        lse0 = tl.where(lse0 == float("-inf"), float("inf"), lse0)  # fully masked: zeros
+        tl.store(Cls + bh * Nk + cols[None, :] + 0 * rows0[:, None], tl.exp2(t0 - lse0[:, None]),
+                 mask=(rows0 == 0)[:, None] & (cols < Nk)[None, :])
+    if WRITE_RECV:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start_m in range(0, Nq, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q, qs = _load_q(Qb, Qsb, rows, Nq, qk_scale, BLOCK_M, QK_BITS, DPT, D_EFF)
+            t = _scores(q, qs, Kb, Ksb, cols, Nk, Mb, rows, Nq, smm, smn,
+                        QK_BITS, DPT, BLOCK_N, HAS_MASK, MASK_BOOL)
+            lse = tl.load(Lb + rows, mask=rows < Nq, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows add 0
+            acc += tl.sum(tl.exp2(t - lse[:, None]), axis=0)
+        tl.store(Recv + bh * Nk + cols, acc / Nq, mask=cols < Nk)
 
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-def _gpu_blocks(dpt: int, dvp: int, pv_bits: int, capability) -> tuple[int, int, int, int]:
+def _gpu_blocks(dpt: int, dvp: int, pv_bits: int, capability, general_mask: bool = False
+                ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_80/86/89/90.
 
-    The int32/fp32 score tile and the fp32 accumulator [BLOCK_M, DVP] live in registers: at
-    DVP = 256 the query block drops to 64. sm_86/89 have ~100 KB of shared memory per SM (vs
-    164/228 KB on sm_80/90), so they get fewer stages at the large head dims."""
+    Chosen from ahead-of-time compiles (``python -m raad_kernels.triton._aot``: registers and
+    spills as the cubin reports them), not from timings: no GPU was available when these were
+    set. The picks fit the per-block shared memory (99 KB on sm_86/89) and compile without
+    register spills (a few spills of 8-40 bytes at most) for
+    int8/int4/int2 × P·V 8/16 × fp16/bf16/fp32 with the entropy map and a mask. sm_86/89
+    (~100 KB shared memory: RTX 30xx/40xx) get 64-row tiles; sm_80/90 128-row tiles with 8
+    warps up to D = 128. A general (Nq, Nk) mask tile costs ~80 registers (the pipeliner keeps
+    the next tile's addresses live), so it gets narrower key blocks at D >= 128.
+    ``RAAD_TRITON_BLOCKS=BM,BN,warps,stages`` overrides this for tuning on a real GPU."""
     major, minor = capability
-    small_smem = (major, minor) in ((8, 6), (8, 7), (8, 9))
+    big_smem = (major, minor) in ((8, 0), (9, 0)) or major >= 10
     wide = max(dpt, dvp)
-    if wide >= 256:
-        return 64, 32 if small_smem else 64, 4, 2
+    if wide >= 256:  # 64×64 needs ~105 KB of shared memory: over sm_86/89's 99 KB per block
+        return (64, 32, 8, 2) if general_mask or not big_smem else (64, 64, 8, 2)
     if wide >= 128:
-        return 128, 64, 8, 2 if small_smem else 3
-    return 128, 64, 4, 3 if small_smem else 4
+        if general_mask:
+            return 64, 32, 8, 2
+        return (128, 64, 8, 3) if big_smem else (64, 64, 8, 2)
+    return (128, 64, 8, 3) if big_smem else (64, 64, 4, 3)
 
 
-def _config(dpt, dvp, pv_bits, device, block_m, block_n):
+def _config(dpt, dvp, pv_bits, device, block_m, block_n, general_mask=False):
     if INTERPRET:
         return block_m or 64, block_n or 64, 4, 1
-    bm, bn, nw, ns = _gpu_blocks(dpt, dvp, pv_bits, torch.cuda.get_device_capability(device))
+    bm, bn, nw, ns = _gpu_blocks(dpt, dvp, pv_bits, torch.cuda.get_device_capability(device),
+                                 general_mask)
     if os.environ.get("RAAD_TRITON_BLOCKS"):  # "BM,BN,warps,stages" for tuning sessions
         bm, bn, nw, ns = (int(x) for x in os.environ["RAAD_TRITON_BLOCKS"].split(","))
     return block_m or bm, block_n or bn, nw, ns
+
+
+#: Opt-in autotuning of the forward kernel (RAAD_TRITON_AUTOTUNE=1, GPU only, P·V at 16 bits:
+#: at 8 bits the V column sums are laid out per BLOCK_N before the kernel runs). Off by
+#: default: every new (Nq, Nk, bits, head dim) combination would compile and time all the
+#: configs on its first call, which a model with a per-layer bit plan pays once per layer shape.
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                         (64, 128, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2))
+]
+_fwd_tuned = None
+
+
+def _autotuned_fwd():
+    global _fwd_tuned
+    if _fwd_tuned is None:
+        _fwd_tuned = triton.autotune(
+            configs=_AUTOTUNE_CONFIGS,
+            key=["Nq", "Nk", "QK_BITS", "PV_BITS", "DPT", "DVP", "HAS_MASK", "WRITE_ENT"],
+        )(_attn_fwd_kernel)
+    return _fwd_tuned
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,54 +318,70 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
     maps = tuple(return_maps or ())
     d_eff, dpt = code_width(d, rotate)
     dvp = max(16, next_pow2(dv))
-    bm, bn, nw, ns = _config(dpt, dvp, pv_bits, dev, block_m, block_n)
+    mask_t, (smb, smh, smm, smn), mask_bool = _mask_args(attn_mask, (b, h, nq, nk), dev)
+    # 0: no mask; 1: per key (the same for every query: key padding), a vector per key block;
+    # 2: a general (Nq, Nk) mask, a tile per block.
+    mask_kind = 0 if attn_mask is None else (1 if smm == 0 or nq == 1 else 2)
+    bm, bn, nw, ns = _config(dpt, dvp, pv_bits, dev, block_m, block_n, mask_kind == 2)
     if pv_bits == 8:
         bn = max(bn, 32)  # K of the int8 P·V dot
+    autotune = (not INTERPRET and block_m is None and block_n is None
+                and os.environ.get("RAAD_TRITON_AUTOTUNE") == "1" and pv_bits == 16)
 
     # Preparation: at most two launches (column statistics; Q/K rows).
     k_mean, vq = (None, None)
     if smooth_k or pv_bits == 8:
-        k_mean, vq = column_stats(k if smooth_k else None, v if pv_bits == 8 else None, dvp)
+        k_mean, vq = column_stats(k if smooth_k else None, v if pv_bits == 8 else None, dvp,
+                                  block_n=bn)
     qc, qsc, kc, ksc, _, _ = quantize_qk(q, k, qk_bits, smooth=smooth_k, rotate=rotate,
                                          k_mean=k_mean)
     qc, kc = qc.view(torch.int8), kc.view(torch.int8)
 
     if out is None:
         out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=dev)
+    elif out.shape != (b, h, nq, dv) or out.dtype != q.dtype or out.device != dev:
+        raise ValueError(f"out must be a ({b}, {h}, {nq}, {dv}) {q.dtype} tensor on {dev}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     maps_out = dict(maps_out or {})
     f32 = dict(dtype=torch.float32, device=dev)
+    for name, t in maps_out.items():
+        want = (b, h, nq) if name == "entropy" else (b, h, nk)
+        if t.shape != want or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"maps_out[{name!r}] must be a contiguous float32 {want} tensor")
     for name, shape in (("cls", (b, h, nk)), ("received", (b, h, nk)), ("entropy", (b, h, nq))):
         if name in maps and name not in maps_out:
             maps_out[name] = torch.empty(*shape, **f32)
     dummy = torch.empty(1, **f32)
-    lse = torch.empty(b, h, nq, **f32) if "received" in maps else dummy
-    mask_t, (smb, smh, smm, smn), mask_bool = _mask_args(attn_mask, (b, h, nq, nk), dev)
+    col_maps = "cls" in maps or "received" in maps
+    lse = torch.empty(b, h, nq, **f32) if col_maps else dummy
 
     if pv_bits == 8:
-        v_arg, vs_arg, vm_arg = vq
+        v_arg, vs_arg, vm_arg, vsum_arg = vq
         sv = (0, 0, 0, 0)
     else:
-        v_arg, vs_arg, vm_arg = v, dummy, dummy
+        v_arg, vs_arg, vm_arg, vsum_arg = v, dummy, dummy, dummy
         sv = v.stride()
     qk_scale = float(scale) * LOG2E
-    nblk_m = triton.cdiv(nq, bm)
-    _attn_fwd_kernel[(nblk_m * b * h,)](
-        qc, qsc, kc, ksc, v_arg, vs_arg, vm_arg, mask_t, out, lse,
-        maps_out.get("cls", dummy), maps_out.get("entropy", dummy),
-        qk_scale, nq, nk, dv, h, nblk_m, *sv, smb, smh, smm, smn, *out.stride(),
-        QK_BITS=qk_bits, PV_BITS=pv_bits, DPT=dpt, D_EFF=d_eff, DVP=dvp,
-        HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool,
-        PV_BF16=q.dtype == torch.bfloat16, INTERP=INTERPRET,
-        WRITE_LSE="received" in maps, WRITE_CLS="cls" in maps, WRITE_ENT="entropy" in maps,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
-    if "received" in maps:
+    args = (qc, qsc, kc, ksc, v_arg, vs_arg, vm_arg, vsum_arg, mask_t, out, lse,
+            maps_out.get("entropy", dummy),
+            qk_scale, nq, nk, dv, h, *sv, smb, smh, smm, smn, *out.stride())
+    consts = dict(QK_BITS=qk_bits, PV_BITS=pv_bits, DPT=dpt, D_EFF=d_eff, DVP=dvp,
+                  HAS_MASK=mask_kind, MASK_BOOL=mask_bool,
+                  PV_BF16=q.dtype == torch.bfloat16, INTERP=INTERPRET,
+                  WRITE_LSE=col_maps, WRITE_ENT="entropy" in maps)
+    if autotune:
+        _autotuned_fwd()[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](*args, **consts)
+    else:
+        _attn_fwd_kernel[(triton.cdiv(nq, bm) * b * h,)](
+            *args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    if col_maps:
         # Transposed roles: a key block per program, query blocks streamed.
         rbm, rbn = (bn, bm) if block_m is None and block_n is None else (bm, bn)
         rbn = max(rbn, 16)
-        nblk_n = triton.cdiv(nk, rbn)
-        _attn_received_kernel[(nblk_n * b * h,)](
-            qc, qsc, kc, ksc, mask_t, lse, maps_out["received"], qk_scale, nq, nk, h, nblk_n,
-            smb, smh, smm, smn,
-            QK_BITS=qk_bits, DPT=dpt, D_EFF=d_eff, HAS_MASK=attn_mask is not None,
-            MASK_BOOL=mask_bool, BLOCK_M=rbm, BLOCK_N=rbn, num_warps=nw, num_stages=ns)
+        _attn_colmaps_kernel[(triton.cdiv(nk, rbn) * b * h,)](
+            qc, qsc, kc, ksc, mask_t, lse, maps_out.get("cls", dummy),
+            maps_out.get("received", dummy), qk_scale, nq, nk, h, smb, smh, smm, smn,
+            QK_BITS=qk_bits, DPT=dpt, D_EFF=d_eff, HAS_MASK=mask_kind, MASK_BOOL=mask_bool,
+            WRITE_CLS="cls" in maps, WRITE_RECV="received" in maps,
+            BLOCK_M=rbm, BLOCK_N=rbn, num_warps=nw, num_stages=ns)
     return out, {name: maps_out[name] for name in maps}

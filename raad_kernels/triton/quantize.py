@@ -9,7 +9,8 @@ Two launches prepare everything the attention kernel reads:
 2. :func:`quantize_qk` — one launch for the rows of Q and of K: load (any strides, any float
    dtype) → float32 → subtract the K mean → Hadamard rotation (an in-register fast
    Walsh–Hadamard butterfly over the zero-padded power-of-two dim) → per-row scale (absmax at
-   int8; the clipping search over ``quant.CLIP_GRID`` at 4/2 bits) → round half to even →
+   int8; at 4/2 bits the least-squared-error candidate among the absmax and ``min(a·rms,
+   absmax)`` for ``a`` in ``quant.CLIP_GRID``) → round half to even →
    pack (int4: 2 per byte, int2: 4 per byte, ``quant.pack``'s layout) → store.
 
 Code rows are stored ``DPT`` codes wide (``DPT`` = the head-dim tile: a power of two >= 32 and
@@ -61,7 +62,7 @@ def _k_mean(K, Km, pid, Nk, D, H, skb, skh, skn, skd, NBLK_D,
 
 
 @triton.jit
-def _v_quant(V, Vc, Vs, Vm, pid, Nk, DV, H, svb, svh, svn, svd, NBLK_D,
+def _v_quant(V, Vc, Vs, Vm, Vsum, pid, Nk, DV, H, svb, svh, svn, svd, NBLK_D,
              DVP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = pid // NBLK_D
     cols = (pid % NBLK_D) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -87,19 +88,23 @@ def _v_quant(V, Vc, Vs, Vm, pid, Nk, DV, H, svb, svh, svn, svd, NBLK_D,
     tl.store(Vs + bh.to(tl.int64) * DVP + cols, scale, mask=smask)
     tl.store(Vm + bh.to(tl.int64) * DVP + cols, mean, mask=smask)
     out = Vc + bh.to(tl.int64) * Nk * DVP
+    nblk_n = tl.cdiv(Nk, BLOCK_N)
+    sums = Vsum + bh.to(tl.int64) * nblk_n * DVP
     for n0 in range(0, Nk, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         m = (rows < Nk)[:, None] & cmask[None, :]
         x = tl.load(base + rows[:, None] * svn + cols[None, :] * svd, mask=m, other=0.0).to(tl.float32)
         c = rne(tl.div_rn(x - mean[None, :], scale[None, :] + tl.zeros_like(x)))
         c = tl.minimum(tl.maximum(c, -127.0), 127.0)
-        c = tl.where(m, c, 0.0).to(tl.int8)
-        tl.store(out + rows[:, None] * DVP + cols[None, :], c,
+        c = tl.where(m, c, 0.0)
+        tl.store(out + rows[:, None] * DVP + cols[None, :], c.to(tl.int8),
                  mask=(rows < Nk)[:, None] & smask[None, :])
+        # Column sums of the codes per block of BLOCK_N keys (the int8 P·V correction term).
+        tl.store(sums + (n0 // BLOCK_N) * DVP + cols, tl.sum(c, axis=0).to(tl.int32), mask=smask)
 
 
 @triton.jit
-def _column_stats_kernel(K, Km, V, Vc, Vs, Vm, Nk, D, DV, H,
+def _column_stats_kernel(K, Km, V, Vc, Vs, Vm, Vsum, Nk, D, DV, H,
                          skb, skh, skn, skd, svb, svh, svn, svd,
                          N_K_PROGS, NBLK_DK, NBLK_DV,
                          HAS_K: tl.constexpr, HAS_V: tl.constexpr, DVP: tl.constexpr,
@@ -109,18 +114,22 @@ def _column_stats_kernel(K, Km, V, Vc, Vs, Vm, Nk, D, DV, H,
         if pid < N_K_PROGS:
             _k_mean(K, Km, pid, Nk, D, H, skb, skh, skn, skd, NBLK_DK, BLOCK_N, BLOCK_D)
         else:
-            _v_quant(V, Vc, Vs, Vm, pid - N_K_PROGS, Nk, DV, H, svb, svh, svn, svd, NBLK_DV,
-                     DVP, BLOCK_N, BLOCK_D)
+            _v_quant(V, Vc, Vs, Vm, Vsum, pid - N_K_PROGS, Nk, DV, H, svb, svh, svn, svd,
+                     NBLK_DV, DVP, BLOCK_N, BLOCK_D)
     elif HAS_K:
         _k_mean(K, Km, pid, Nk, D, H, skb, skh, skn, skd, NBLK_DK, BLOCK_N, BLOCK_D)
     else:
-        _v_quant(V, Vc, Vs, Vm, pid, Nk, DV, H, svb, svh, svn, svd, NBLK_DV, DVP, BLOCK_N, BLOCK_D)
+        _v_quant(V, Vc, Vs, Vm, Vsum, pid, Nk, DV, H, svb, svh, svn, svd, NBLK_DV, DVP,
+                 BLOCK_N, BLOCK_D)
 
 
-def column_stats(k: torch.Tensor | None, v: torch.Tensor | None, dvp: int | None = None):
+def column_stats(k: torch.Tensor | None, v: torch.Tensor | None, dvp: int | None = None,
+                 block_n: int = 64):
     """One launch: the K mean over tokens (B, H, D) float32 and/or V's per-channel quantization
     (``quant.prepare_v``): codes (B, H, Nk, dvp) int8 (zero past Dv), scale and mean (B, H, dvp)
-    float32 (1 and 0 past Dv). Returns (k_mean or None, (v_codes, v_scale, v_mean) or None)."""
+    float32 (1 and 0 past Dv), and the column sums of the codes per block of ``block_n`` keys
+    (B, H, ceil(Nk / block_n), dvp) int32.
+    Returns (k_mean or None, (v_codes, v_scale, v_mean, v_sums) or None)."""
     x = k if k is not None else v
     b, h, nk = x.shape[:3]
     dev = x.device
@@ -135,7 +144,8 @@ def column_stats(k: torch.Tensor | None, v: torch.Tensor | None, dvp: int | None
         dvp = dvp or max(16, next_pow2(v.shape[-1]))
         vq = (torch.empty(b, h, nk, dvp, dtype=torch.int8, device=dev),
               torch.empty(b, h, dvp, dtype=torch.float32, device=dev),
-              torch.empty(b, h, dvp, dtype=torch.float32, device=dev))
+              torch.empty(b, h, dvp, dtype=torch.float32, device=dev),
+              torch.empty(b, h, triton.cdiv(nk, block_n), dvp, dtype=torch.int32, device=dev))
         widths.append(dvp)
     block_d = min(64, next_pow2(max(widths)))
     nblk_dk = triton.cdiv(k.shape[-1], block_d) if k is not None else 1
@@ -144,13 +154,15 @@ def column_stats(k: torch.Tensor | None, v: torch.Tensor | None, dvp: int | None
     n_v = bh * nblk_dv if v is not None else 0
     kk = k if k is not None else v
     vv = v if v is not None else k
-    vc, vs, vm = vq if vq is not None else (torch.empty(1, dtype=torch.int8, device=dev), dummy, dummy)
+    vc, vs, vm, vsum = vq if vq is not None else (
+        torch.empty(1, dtype=torch.int8, device=dev), dummy, dummy,
+        torch.empty(1, dtype=torch.int32, device=dev))
     _column_stats_kernel[(n_k + n_v,)](
-        kk, km if km is not None else dummy, vv, vc, vs, vm,
+        kk, km if km is not None else dummy, vv, vc, vs, vm, vsum,
         nk, kk.shape[-1], vv.shape[-1], h, *kk.stride(), *vv.stride(),
         n_k, nblk_dk, nblk_dv,
         HAS_K=k is not None, HAS_V=v is not None, DVP=dvp if v is not None else 16,
-        BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
     return km, vq
 
 
@@ -170,9 +182,10 @@ def _fwht(x, R: tl.constexpr, DPT: tl.constexpr, LOG2_ROT: tl.constexpr):
 
 
 @triton.jit
-def _clip_err(x, valid, a, rms, absmax, BITS: tl.constexpr):
+def _clip_err(x, valid, clip, BITS: tl.constexpr):
+    """Squared error of the rows of ``x`` quantized with top level ``clip`` → (err, scale)."""
     QMAX: tl.constexpr = 7.0 if BITS == 4 else 3.0
-    s = tl.div_rn(tl.minimum(a * rms, absmax), tl.full(rms.shape, QMAX, tl.float32))
+    s = tl.div_rn(clip, tl.full(clip.shape, QMAX, tl.float32))
     ss = tl.where(s > 0, s, 1.0)
     e = round_to_grid(tl.div_rn(x, ss[:, None] + tl.zeros_like(x)), BITS) * ss[:, None] - x
     e = tl.where(valid, e, 0.0)
@@ -201,10 +214,12 @@ def _quant_rows(X, Mean, C, S, Grid, pid, N, D, H, sxb, sxh, sxn, sxd, NBLK,
         s = tl.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
     else:
         rms = tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=1), tl.full(absmax.shape, D_EFF, tl.float32)))
-        best_err, s = _clip_err(x, valid, tl.load(Grid), rms, absmax, BITS)
-        for i in tl.static_range(1, NGRID):
-            err, si = _clip_err(x, valid, tl.load(Grid + i), rms, absmax, BITS)
-            better = err < best_err  # strict: ties keep the smaller multiple (as quant.py)
+        # Candidates as quant.token_scales: the absmax first, then min(a·rms, absmax) over the
+        # CLIP_GRID; strict comparison, so ties keep the earlier candidate.
+        best_err, s = _clip_err(x, valid, absmax, BITS)
+        for i in tl.static_range(NGRID):
+            err, si = _clip_err(x, valid, tl.minimum(tl.load(Grid + i) * rms, absmax), BITS)
+            better = err < best_err
             best_err = tl.where(better, err, best_err)
             s = tl.where(better, si, s)
     TINY: tl.constexpr = 1.1754943508222875e-38 if BITS == 2 else 1.0
@@ -252,7 +267,7 @@ def _quant_qk_kernel(Q, K, Km, Qc, Kc, Qs, Ks, Grid, Nq, Nk, D, H,
 
 def _row_block(dpt: int) -> int:
     if INTERPRET:
-        return 32
+        return 64  # fewer, larger numpy steps
     return max(4, min(64, 2048 // dpt))  # ~2K fp32 elements per program tile
 
 
