@@ -1,9 +1,28 @@
-// Python bindings of the CPU extension. Kernels live in csrc/cpu and take raw pointers.
+// Python bindings of the CPU extension. Kernels live in csrc/cpu and take raw pointers; this file
+// validates arguments (errors name the argument: ValueError / TypeError as DESIGN.md asks) and
+// hands strided views to the kernels, which read non-contiguous and 16-bit inputs directly: no
+// input is copied or converted up front.
 #include <torch/extension.h>
 
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/attention.h"
 #include "cpu/cpu_features.h"
 
 namespace {
+
+using raad::CpuIsa;
+namespace rc = raad::cpu;
+
+std::string avx512_status() {
+  const CpuIsa best = raad::best_isa();
+  if (static_cast<int>(best) < static_cast<int>(CpuIsa::Avx512Vnni)) return "not available on this CPU";
+  const std::string err = rc::self_check(CpuIsa::Avx512Vnni);
+  return err.empty() ? "self-check passed" : "self-check FAILED, using avx2: " + err;
+}
 
 py::dict capabilities() {
   const auto& f = raad::cpu_features();
@@ -16,12 +35,203 @@ py::dict capabilities() {
   d["amx_int8"] = f.amx_int8;
   d["amx_bf16"] = f.amx_bf16;
   d["active_isa"] = raad::isa_name(raad::active_isa());
+  d["best_isa"] = raad::isa_name(raad::best_isa());
+  d["kernel_isa"] = raad::isa_name(rc::kernel_isa(raad::active_isa()));
   return d;
 }
+
+CpuIsa parse_isa(const std::optional<std::string>& isa) {
+  if (!isa.has_value()) return raad::active_isa();  // honours RAAD_CPU_ISA
+  CpuIsa want;
+  if (*isa == "portable") want = CpuIsa::Portable;
+  else if (*isa == "avx2") want = CpuIsa::Avx2;
+  else if (*isa == "avx512") want = CpuIsa::Avx512Vnni;
+  else if (*isa == "amx") want = CpuIsa::Amx;
+  else TORCH_CHECK_VALUE(false, "isa must be None or one of 'portable', 'avx2', 'avx512', 'amx'; got '", *isa, "'");
+  const CpuIsa best = raad::best_isa();
+  TORCH_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(best), "isa='", *isa,
+                    "' is not supported by this CPU (best available: '", raad::isa_name(best), "')");
+  return want;
+}
+
+rc::DType dtype_of(const torch::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return rc::DType::F32;
+    case torch::kHalf: return rc::DType::F16;
+    case torch::kBFloat16: return rc::DType::BF16;
+    default: TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(), "; allowed: float32, float16, bfloat16");
+  }
+  return rc::DType::F32;
+}
+
+rc::View4 view_of(const torch::Tensor& t, rc::DType dt) {
+  rc::View4 v;
+  v.data = t.data_ptr();
+  v.dtype = dt;
+  for (int i = 0; i < 4; ++i) v.stride[i] = t.size(i) == 1 ? 0 : t.stride(i);
+  return v;
+}
+
+struct Checked {
+  rc::AttentionArgs args;
+  torch::Tensor mask;  // keeps the expanded view alive
+};
+
+Checked check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t qk_bits,
+                     int64_t pv_bits, std::optional<double> scale, const std::optional<torch::Tensor>& attn_mask,
+                     bool smooth_k, std::optional<bool> rotate) {
+  const char* names[3] = {"q", "k", "v"};
+  const torch::Tensor* ts[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK_TYPE(ts[i]->defined(), names[i], " must be a tensor");
+    TORCH_CHECK_VALUE(ts[i]->device().is_cpu(), names[i], " must be on the CPU for the cpu backend, got ",
+                      ts[i]->device());
+    TORCH_CHECK_VALUE(ts[i]->dim() == 4, names[i], " must be 4-D (B, H, N, D) like SDPA, got shape ",
+                      ts[i]->sizes());
+    dtype_of(*ts[i], names[i]);
+  }
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+                   "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(0) == v.size(0) && q.size(1) == k.size(1) && q.size(1) == v.size(1),
+                    "q, k, v must share batch and head dims (B, H), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(3) == k.size(3), "q and k must share the head dim D, got ", q.size(3), " and ", k.size(3));
+  TORCH_CHECK_VALUE(k.size(2) == v.size(2), "k and v must have the same number of tokens, got ", k.size(2), " and ",
+                    v.size(2));
+  TORCH_CHECK_VALUE(q.size(2) >= 1, "q needs at least one token (N >= 1), got N = ", q.size(2));
+  TORCH_CHECK_VALUE(k.size(2) >= 1, "k needs at least one token (N >= 1), got N = ", k.size(2));
+  TORCH_CHECK_VALUE(q.size(3) >= 1 && v.size(3) >= 1, "head dims must be >= 1, got D = ", q.size(3), ", Dv = ",
+                    v.size(3));
+  TORCH_CHECK_VALUE(q.size(3) <= 4096 && v.size(3) <= 4096, "head dims above 4096 are not supported by the cpu "
+                    "backend, got D = ", q.size(3), ", Dv = ", v.size(3));
+  TORCH_CHECK_VALUE(q.size(0) >= 1 && q.size(1) >= 1, "B and H must be >= 1, got ", q.sizes());
+  TORCH_CHECK_VALUE(qk_bits == 2 || qk_bits == 4 || qk_bits == 8, "qk_bits must be one of (2, 4, 8), got ", qk_bits);
+  TORCH_CHECK_VALUE(pv_bits == 8 || pv_bits == 16, "pv_bits must be one of (8, 16), got ", pv_bits);
+
+  Checked c;
+  rc::AttentionArgs& a = c.args;
+  a.B = q.size(0); a.H = q.size(1); a.Nq = q.size(2); a.Nk = k.size(2); a.D = q.size(3); a.Dv = v.size(3);
+  const rc::DType dt = dtype_of(q, "q");
+  a.q = view_of(q, dt);
+  a.k = view_of(k, dt);
+  a.v = view_of(v, dt);
+  a.qk_bits = int(qk_bits);
+  a.pv_bits = int(pv_bits);
+  if (scale.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, "scale must be a positive finite number, got ", *scale);
+    a.scale = float(*scale);
+  } else {
+    a.scale = float(1.0 / std::sqrt(double(a.D)));
+  }
+  a.smooth_k = smooth_k;
+  a.rotate = rotate.has_value() ? *rotate : qk_bits < 8;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const torch::Tensor& m = *attn_mask;
+    TORCH_CHECK_VALUE(m.device().is_cpu(), "attn_mask is on ", m.device(), ", q on cpu");
+    TORCH_CHECK_TYPE(m.scalar_type() == torch::kBool || m.scalar_type() == torch::kFloat ||
+                         m.scalar_type() == torch::kHalf || m.scalar_type() == torch::kBFloat16,
+                     "attn_mask must be bool (True = attend) or a float additive mask, got ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() <= 4, "attn_mask must have at most 4 dims, got ", m.dim());
+    torch::Tensor e;
+    try {
+      e = m.expand({a.B, a.H, a.Nq, a.Nk});
+    } catch (const c10::Error&) {
+      TORCH_CHECK_VALUE(false, "attn_mask of shape ", m.sizes(), " does not broadcast to (B, H, Nq, Nk) = (", a.B,
+                        ", ", a.H, ", ", a.Nq, ", ", a.Nk, ")");
+    }
+    c.mask = e;
+    a.mask = view_of(e, m.scalar_type() == torch::kBool ? rc::DType::Bool : dtype_of(m, "attn_mask"));
+  }
+  return c;
+}
+
+py::tuple attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t qk_bits,
+                    int64_t pv_bits, std::optional<double> scale, std::optional<torch::Tensor> attn_mask,
+                    bool smooth_k, std::optional<bool> rotate, const std::vector<std::string>& return_maps,
+                    std::optional<torch::Tensor> out, std::optional<std::string> isa) {
+  Checked c = check_inputs(q, k, v, qk_bits, pv_bits, scale, attn_mask, smooth_k, rotate);
+  rc::AttentionArgs& a = c.args;
+  const CpuIsa path = parse_isa(isa);
+
+  bool want[3] = {false, false, false};
+  const char* map_names[3] = {"cls", "received", "entropy"};
+  for (const auto& n : return_maps) {
+    int idx = -1;
+    for (int i = 0; i < 3; ++i)
+      if (n == map_names[i]) idx = i;
+    TORCH_CHECK_VALUE(idx >= 0, "return_maps: unknown map '", n, "'; allowed: ('cls', 'received', 'entropy')");
+    TORCH_CHECK_VALUE(!want[idx], "return_maps lists the map '", n, "' twice");
+    want[idx] = true;
+  }
+
+  torch::Tensor o;
+  if (out.has_value() && out->defined()) {
+    o = *out;
+    TORCH_CHECK_VALUE(o.device().is_cpu(), "out must be on the CPU, got ", o.device());
+    TORCH_CHECK_TYPE(o.scalar_type() == q.scalar_type(), "out must have the dtype of q (", q.scalar_type(), "), got ",
+                     o.scalar_type());
+    TORCH_CHECK_VALUE(o.sizes() == torch::IntArrayRef({a.B, a.H, a.Nq, a.Dv}), "out must have shape (B, H, Nq, Dv) = (",
+                      a.B, ", ", a.H, ", ", a.Nq, ", ", a.Dv, "), got ", o.sizes());
+    TORCH_CHECK_VALUE(o.is_contiguous(), "out must be contiguous");
+  } else {
+    o = torch::empty({a.B, a.H, a.Nq, a.Dv}, q.options());
+  }
+  a.out = o.data_ptr();
+
+  const auto f32 = q.options().dtype(torch::kFloat);
+  torch::Tensor cls, rec, ent;
+  if (want[0]) { cls = torch::empty({a.B, a.H, a.Nk}, f32); a.cls = cls.data_ptr<float>(); }
+  if (want[1]) { rec = torch::empty({a.B, a.H, a.Nk}, f32); a.received = rec.data_ptr<float>(); }
+  if (want[2]) { ent = torch::empty({a.B, a.H, a.Nq}, f32); a.entropy = ent.data_ptr<float>(); }
+  a.num_threads = std::max(1, at::get_num_threads());
+
+  {
+    py::gil_scoped_release release;
+    rc::attention(a, path);
+  }
+
+  py::dict maps;
+  for (const auto& n : return_maps) {
+    if (n == "cls") maps["cls"] = cls;
+    else if (n == "received") maps["received"] = rec;
+    else maps["entropy"] = ent;
+  }
+  return py::make_tuple(o, maps);
+}
+
+py::tuple quantize_qk_debug(const torch::Tensor& q, const torch::Tensor& k, int64_t qk_bits, bool smooth_k,
+                            std::optional<bool> rotate, std::optional<std::string> isa) {
+  Checked c = check_inputs(q, k, k, qk_bits, 16, std::nullopt, std::nullopt, smooth_k, rotate);
+  rc::AttentionArgs& a = c.args;
+  const int64_t dp = rc::padded_head_dim(a.D, a.rotate);
+  auto i8 = q.options().dtype(torch::kInt8);
+  auto f32 = q.options().dtype(torch::kFloat);
+  torch::Tensor qc = torch::empty({a.B, a.H, a.Nq, dp}, i8), qs = torch::empty({a.B, a.H, a.Nq}, f32);
+  torch::Tensor kc = torch::empty({a.B, a.H, a.Nk, dp}, i8), ks = torch::empty({a.B, a.H, a.Nk}, f32);
+  rc::quantize_qk_debug(a, parse_isa(isa), qc.data_ptr<int8_t>(), qs.data_ptr<float>(), kc.data_ptr<int8_t>(),
+                        ks.data_ptr<float>());
+  return py::make_tuple(qc, qs, kc, ks);
+}
+
+std::string self_check(const std::string& isa) { return rc::self_check(parse_isa(isa)); }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "raad-kernels CPU extension";
   m.def("capabilities", &capabilities, "CPU features seen at run time and the ISA path in use");
+  m.def("attention", &attention,
+        "Fused quantized attention (see raad_kernels.cpu_backend). Returns (out, maps). `isa` forces a "
+        "kernel path ('portable', 'avx2', 'avx512', 'amx'); default: raad active ISA (RAAD_CPU_ISA "
+        "honoured). `out`: optional preallocated contiguous output of q's dtype.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("qk_bits") = 8, py::arg("pv_bits") = 8,
+        py::arg("scale") = py::none(), py::arg("attn_mask") = py::none(), py::arg("smooth_k") = true,
+        py::arg("rotate") = py::none(), py::arg("return_maps") = std::vector<std::string>{},
+        py::arg("out") = py::none(), py::arg("isa") = py::none());
+  m.def("quantize_qk_debug", &quantize_qk_debug,
+        "Test hook: the kernels' Q/K codes and scales, decoded from their packed layout",
+        py::arg("q"), py::arg("k"), py::arg("qk_bits") = 8, py::arg("smooth_k") = true, py::arg("rotate") = py::none(),
+        py::arg("isa") = py::none());
+  m.def("self_check", &self_check, "Compare an ISA path with the portable one on small problems ('' = agree)",
+        py::arg("isa"));
+  m.def("avx512_status", &avx512_status, "Whether the AVX-512 kernels are in use, and their self-check result");
 }

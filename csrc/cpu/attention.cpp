@@ -6,7 +6,9 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -47,6 +49,7 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.want_recv = a.received != nullptr;
   p.want_ent = a.entropy != nullptr;
   p.want_cache = p.want_cls || p.want_recv;
+  p.v_float = K.v_float && a.pv_bits == 8;
   p.dp = a.rotate ? next_pow2(a.D) : int(a.D);
   p.dpad = int(round_up(p.dp, p.bits == 8 ? 4 : (p.bits == 4 ? 8 : 16)));
   p.kgroup = K.kgroup;
@@ -71,9 +74,9 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.off_qa = take(QT * p.dpad);
   p.off_rs = take(QT * 4);
   p.off_qsum = take(QT * 4);
-  p.off_row = take(size_t(dmax + 16) * 4 + p.dpad + 64);
+  p.off_row = take(size_t(dmax + 16) * 4 + 2 * size_t(p.dpad) + 64);  // a row, then 2 × dpad code bytes
   p.off_S = take(size_t(kRowGroup) * kKeyBlock * 4 + 256);
-  p.off_P = take(size_t(kKeyBlock) * 4 + 256);
+  p.off_P = take(size_t(kKeyBlock) * 12 + 512);  // u8 codes, or float values + int32 indices
   p.off_bias = take(size_t(kKeyBlock) * 4);
   p.off_outf = take(QT * p.dvp * 4);
   p.off_m = take(QT * 4);
@@ -83,8 +86,8 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.off_cache = take(p.want_cache ? QT * p.cache_row * K.cache_elem_bytes : 0);
   p.off_kun = take(size_t(kKeyBlock) * p.dpad);
   // Phases A and B use the start of the same area (doubles + a row; a row + its codes).
-  const size_t stats_bytes = size_t(dmax) * 8 + size_t(dmax) * 4 + 64;
-  const size_t prep_bytes = size_t(dmax + 16) * 4 + p.dpad + 64;
+  const size_t stats_bytes = size_t(dmax) * 8 + 3 * size_t(dmax) * 4 + 64;
+  const size_t prep_bytes = size_t(dmax + 16) * 4 + size_t(std::max<int64_t>(p.dpad, dmax)) + 64;
   p.scratch_bytes = std::max({off, stats_bytes, prep_bytes});
   return p;
 }
@@ -101,23 +104,46 @@ Buffer alloc(size_t bytes) {
   return Buffer(static_cast<uint8_t*>(ptr));
 }
 
+// The work buffers of a call live in one workspace per calling thread, kept between calls: a
+// fresh allocation of this size would be mapped anew each call (a page fault and a zeroing per
+// 4 KiB page, measurable at ViT sizes). Workspaces over 256 MiB are released after the call.
+struct Workspace {
+  uint8_t* ptr = nullptr;
+  size_t cap = 0;
+  ~Workspace() { std::free(ptr); }
+  uint8_t* get(size_t bytes) {
+    if (bytes > cap) {
+      std::free(ptr);
+      ptr = nullptr;
+      cap = 0;
+      void* q = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      if (!q) throw std::bad_alloc();
+      ptr = static_cast<uint8_t*>(q);
+      cap = bytes;
+    }
+    return ptr;
+  }
+  void trim() {
+    if (cap > (size_t(256) << 20)) {
+      std::free(ptr);
+      ptr = nullptr;
+      cap = 0;
+    }
+  }
+};
+
+struct Carver {
+  size_t off = 0;
+  size_t take(size_t bytes) {
+    const size_t o = off;
+    off += (bytes + 63) / 64 * 64;
+    return o;
+  }
+};
+
 void run(const AttentionArgs& a, const Kernels& K) {
   const Plan p = make_plan(a, K);
   const int T = std::max(1, a.num_threads);
-
-  // Work buffers: quantized K and V of every (b, h), built once and shared by all query tiles.
-  Buffer kq = alloc(size_t(p.BH) * p.kq_stride);
-  Buffer ks = alloc(size_t(p.BH) * p.nkp * 4);
-  Buffer kmean = alloc(p.smooth ? size_t(p.BH) * p.D * 4 : 0);
-  Buffer vq, vcs, vh, vmean, vscale;
-  if (p.pv_bits == 8) {
-    vq = alloc(size_t(p.BH) * p.v_stride);
-    vcs = alloc(size_t(p.BH) * p.nkb * p.dvp * 4);
-    vmean = alloc(size_t(p.BH) * p.Dv * 4);
-    vscale = alloc(size_t(p.BH) * p.Dv * 4);
-  } else {
-    vh = alloc(size_t(p.BH) * p.v_stride * 4);
-  }
 
   // Static share of the query tiles: slot s runs items [s·n/S, (s+1)·n/S) in order, so the
   // received partials are summed in a fixed order (deterministic for a given thread count).
@@ -131,39 +157,57 @@ void run(const AttentionArgs& a, const Kernels& K) {
     const int64_t nbh = hi[s] > lo[s] ? (hi[s] - 1) / p.ntiles - bh0[s] + 1 : 0;
     roff[s + 1] = roff[s] + nbh * p.Nk;
   }
-  Buffer recv;
-  if (p.want_recv) {
-    recv = alloc(size_t(roff[S]) * 4);
-    std::memset(recv.get(), 0, size_t(roff[S]) * 4);
-  }
-  Buffer scratch = alloc(size_t(T) * p.scratch_bytes);
+
+  // Work buffers (all O(B·H·N)): quantized K and V of every (b, h), built once and shared by all
+  // query tiles; the received partials; one scratch area per thread.
+  const bool int_v = p.pv_bits == 8 && !p.v_float;
+  Carver c;
+  const size_t o_kq = c.take(size_t(p.BH) * p.kq_stride);
+  const size_t o_ks = c.take(size_t(p.BH) * p.nkp * 4);
+  const size_t o_kmean = c.take(p.smooth ? size_t(p.BH) * p.D * 4 : 0);
+  const size_t o_vmean = c.take(p.pv_bits == 8 ? size_t(p.BH) * p.Dv * 4 : 0);
+  const size_t o_vscale = c.take(p.pv_bits == 8 ? size_t(p.BH) * p.Dv * 4 : 0);
+  const size_t o_vq = c.take(int_v ? size_t(p.BH) * p.v_stride : 0);
+  const size_t o_vh = c.take(int_v ? 0 : size_t(p.BH) * p.v_stride * 4);
+  const size_t o_recv = c.take(p.want_recv ? size_t(roff[S]) * 4 : 0);
+  const size_t o_scr = c.take(size_t(T) * p.scratch_bytes);
+  thread_local Workspace ws;
+  uint8_t* base = ws.get(c.off);
+  if (p.want_recv) std::memset(base + o_recv, 0, size_t(roff[S]) * 4);
+  uint8_t* scratch = base + o_scr;
 
   Work w{};
-  w.kq = kq.get();
-  w.ks = reinterpret_cast<float*>(ks.get());
-  w.kmean = reinterpret_cast<float*>(kmean.get());
-  w.vq = reinterpret_cast<int8_t*>(vq.get());
-  w.vcs = reinterpret_cast<int32_t*>(vcs.get());
-  w.vh = reinterpret_cast<float*>(vh.get());
-  w.vmean = reinterpret_cast<float*>(vmean.get());
-  w.vscale = reinterpret_cast<float*>(vscale.get());
-  w.recv = reinterpret_cast<float*>(recv.get());
+  w.kq = base + o_kq;
+  w.ks = reinterpret_cast<float*>(base + o_ks);
+  w.kmean = reinterpret_cast<float*>(base + o_kmean);
+  w.vq = reinterpret_cast<int8_t*>(base + o_vq);
+  w.vh = reinterpret_cast<float*>(base + o_vh);
+  w.vmean = reinterpret_cast<float*>(base + o_vmean);
+  w.vscale = reinterpret_cast<float*>(base + o_vscale);
+  w.recv = reinterpret_cast<float*>(base + o_recv);
   w.recv_off = roff.data();
   w.recv_bh0 = bh0.data();
 
   const int64_t nprep = p.BH * p.nkb;
+  static const bool prof = std::getenv("RAAD_CPU_PROFILE") != nullptr;
+  double t0 = omp_get_wtime(), t1 = 0, t2 = 0;
 #pragma omp parallel num_threads(T)
   {
     const int tid = omp_get_thread_num();
     const int nt = omp_get_num_threads();
-    uint8_t* scr = scratch.get() + size_t(tid) * p.scratch_bytes;
+    uint8_t* scr = scratch + size_t(tid) * p.scratch_bytes;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < p.BH; ++bh) K.stats(a, p, w, bh, scr);
+    if (prof && tid == 0) t1 = omp_get_wtime();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nprep; ++it) K.prep(a, p, w, it / p.nkb, it % p.nkb, scr);
+    if (prof && tid == 0) t2 = omp_get_wtime();
     for (int64_t s = tid; s < S; s += nt)
       for (int64_t it = lo[s]; it < hi[s]; ++it) K.tile(a, p, w, it / p.ntiles, it % p.ntiles, s, scr);
   }
+  if (prof)
+    std::fprintf(stderr, "raad cpu [%s]: stats %.3f ms, prep %.3f ms, tiles %.3f ms\n", K.name, (t1 - t0) * 1e3,
+                 (t2 - t1) * 1e3, (omp_get_wtime() - t2) * 1e3);
 
   if (p.want_recv) {
     const double inv = 1.0 / double(p.Nq);
@@ -183,6 +227,7 @@ void run(const AttentionArgs& a, const Kernels& K) {
       }
     }
   }
+  ws.trim();
 }
 
 // ---------------------------------------------------------------------------------------------

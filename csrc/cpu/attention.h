@@ -52,8 +52,9 @@ CpuIsa kernel_isa(CpuIsa isa);
 // description of the mismatch. Run once before the AVX-512 kernels are first trusted.
 std::string self_check(CpuIsa isa);
 
-// Test hook: run phases A and B (statistics, K quantized into its blocked/packed layout) and the
-// Q quantization of `isa`'s kernels, then decode the layout back to plain codes:
+// Test hook: run phases A and B of `isa`'s kernels (statistics, K quantized into its blocked,
+// packed layout) and decode the layout back to plain codes; Q rows go through the same row
+// quantizer (its portable copy). Outputs:
 // q_codes (B, H, Nq, dp), q_scale (B, H, Nq), k_codes (B, H, Nk, dp), k_scale (B, H, Nk), where dp
 // is the head dim after rotation padding. Compared with raad_kernels.quant.prepare_qk in tests.
 int64_t padded_head_dim(int64_t D, bool rotate);

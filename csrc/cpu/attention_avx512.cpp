@@ -14,6 +14,10 @@
 
 #include "cpu/avx_driver.h"
 
+// GCC 12 warns about the deliberately undefined upper lanes inside _mm512_reduce_max_ps.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace raad::cpu {
 namespace {
 
@@ -23,16 +27,24 @@ inline int32_t load32(const void* p) {
   return v;
 }
 
+// Scale the int32 scores of one 32-key chunk of 4 rows and store them (log2 units) into S:
+// s = MUL · acc − OFF · Σq, then s · (s_k · s_q · scale · log2 e); keys ≥ lim get -inf.
 template <int MUL, int OFF>
-inline void qk_store512(const __m512i acc[4][2], const int32_t* qsum, const float* rs, const float* ks, float* S) {
+inline void qk_store512(const __m512i (&acc)[4][2], const int32_t* qsum, const float* rs, const float* ks, float* S,
+                        int base, int lim, __m512 (&mx)[4]) {
   const __m512 ks0 = _mm512_loadu_ps(ks), ks1 = _mm512_loadu_ps(ks + 16);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int r = 0; r < 4; ++r) {
     const __m512 rsv = _mm512_set1_ps(rs[r]);
     for (int hh = 0; hh < 2; ++hh) {
       __m512i s = acc[r][hh];
       if constexpr (MUL == 2) s = _mm512_slli_epi32(s, 1);
       s = _mm512_sub_epi32(s, _mm512_set1_epi32(OFF * qsum[r]));
-      const __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), hh ? ks1 : ks0), rsv);
+      __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), hh ? ks1 : ks0), rsv);
+      const __mmask16 valid =
+          _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(lim), _mm512_add_epi32(_mm512_set1_epi32(base + 16 * hh), lane));
+      u = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-inf_()), u);
+      mx[r] = _mm512_max_ps(mx[r], u);
       _mm512_storeu_ps(S + r * kKeyBlock + 16 * hh, u);
     }
   }
@@ -40,18 +52,19 @@ inline void qk_store512(const __m512i acc[4][2], const int32_t* qsum, const floa
 
 // BITS = 8: one step (4 channels) per 64-byte vector; 4: two steps (nibbles); 2: four steps.
 template <int BITS>
-void qk_vnni(const Plan& p, const int8_t* qc, const float* rs, const int32_t* qsum, const uint8_t* kblk, int nch,
-             const float* ks, float* S) {
+__attribute__((noinline)) void qk_vnni(const Plan& p, const int8_t* qc, const float* rs, const int32_t* qsum,
+                                       const uint8_t* kblk, int nv, const float* ks, float* S, float* bmax) {
   constexpr int per = 8 / BITS;  // steps per byte
   const int nvec = p.dpad / (4 * per);
-  const int64_t dp = p.dpad;
   const int64_t gb = int64_t(16) * p.dpad * BITS / 8;
   const __m512i x80 = _mm512_set1_epi8(int8_t(0x80));
   const __m512i x88 = _mm512_set1_epi8(int8_t(0x88));
   const __m512i m0f = _mm512_set1_epi8(0x0F);
   const __m512i m3 = _mm512_set1_epi8(3);
-  for (int ch = 0; ch < nch; ++ch) {
-    const uint8_t* k0 = kblk + int64_t(2 * ch) * gb;
+  __m512 mx[4];
+  for (int r = 0; r < 4; ++r) mx[r] = _mm512_set1_ps(-inf_());
+  for (int c0 = 0; c0 < nv; c0 += 32) {
+    const uint8_t* k0 = kblk + int64_t(c0 / 16) * gb;
     const uint8_t* k1 = k0 + gb;
     __m512i acc[4][2];
     for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
@@ -72,16 +85,17 @@ void qk_vnni(const Plan& p, const int8_t* qc, const float* rs, const int32_t* qs
           u1 = _mm512_and_si512(_mm512_srli_epi16(raw1, 2 * t), m3);
         }
         for (int r = 0; r < 4; ++r) {
-          const __m512i qb = _mm512_set1_epi32(load32(qc + r * dp + (s * per + t) * 4));
+          const __m512i qb = _mm512_set1_epi32(load32(qc + (s * per + t) * 16 + 4 * r));
           acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], u0, qb);
           acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], u1, qb);
         }
       }
     }
-    if constexpr (BITS == 8) qk_store512<1, 128>(acc, qsum, rs, ks + 32 * ch, S + 32 * ch);
-    else if constexpr (BITS == 4) qk_store512<1, 8>(acc, qsum, rs, ks + 32 * ch, S + 32 * ch);
-    else qk_store512<2, 3>(acc, qsum, rs, ks + 32 * ch, S + 32 * ch);
+    if constexpr (BITS == 8) qk_store512<1, 128>(acc, qsum, rs, ks + c0, S + c0, c0, nv, mx);
+    else if constexpr (BITS == 4) qk_store512<1, 8>(acc, qsum, rs, ks + c0, S + c0, c0, nv, mx);
+    else qk_store512<2, 3>(acc, qsum, rs, ks + c0, S + c0, c0, nv, mx);
   }
+  for (int r = 0; r < 4; ++r) bmax[r] = _mm512_reduce_max_ps(mx[r]);
 }
 
 template <int NV>
@@ -102,15 +116,16 @@ struct Avx512 {
   static constexpr int kGroup = 16;
   static constexpr int kChunk = 32;
   static constexpr bool kNeedAbs = false;
+  static constexpr bool kPvFloat = false;
 
   static void qk(const Plan& p, const int8_t* qc, const int8_t*, const float* rs, const int32_t* qsum,
-                 const uint8_t* kblk, int nch, const float* ks, float* S) {
-    if (p.bits == 8) qk_vnni<8>(p, qc, rs, qsum, kblk, nch, ks, S);
-    else if (p.bits == 4) qk_vnni<4>(p, qc, rs, qsum, kblk, nch, ks, S);
-    else qk_vnni<2>(p, qc, rs, qsum, kblk, nch, ks, S);
+                 const uint8_t* kblk, int nv, const float* ks, float* S, float* bmax) {
+    if (p.bits == 8) qk_vnni<8>(p, qc, rs, qsum, kblk, nv, ks, S, bmax);
+    else if (p.bits == 4) qk_vnni<4>(p, qc, rs, qsum, kblk, nv, ks, S, bmax);
+    else qk_vnni<2>(p, qc, rs, qsum, kblk, nv, ks, S, bmax);
   }
 
-  static void pv8(const Plan& p, const uint8_t* P, int nq, const int8_t* v, const int32_t*, float* o, float alpha) {
+  static void pv8(const Plan& p, const uint8_t* P, int nq, const int8_t* v, float* o, float alpha) {
     const int64_t qs = int64_t(p.dvp) * 4;
     for (int c0 = 0; c0 < p.dvp; c0 += 128) {
       const int nv = (p.dvp - c0) / 16 < 8 ? (p.dvp - c0) / 16 : 8;
@@ -145,7 +160,7 @@ void tile_avx512(const AttentionArgs& a, const Plan& p, const Work& w, int64_t b
 }  // namespace
 
 const Kernels& kernels_avx512() {
-  static const Kernels k{"avx512", Avx512::kGroup, Avx512::kChunk, 16, 2, stats_avx512, prep_avx512, tile_avx512};
+  static const Kernels k{"avx512", Avx512::kGroup, Avx512::kChunk, 16, 2, false, stats_avx512, prep_avx512, tile_avx512};
   return k;
 }
 

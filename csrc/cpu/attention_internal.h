@@ -13,10 +13,12 @@
 //    The head dim is padded with zero codes to `dpad` (a multiple of 4, 8, 16 at 8, 4, 2 bits);
 //    keys are padded to `nkp` (scale 0, masked to -inf in the kernel).
 //  * K scales: float per key.
-//  * V (pv_bits = 8): int8 codes, quads of keys interleaved per channel: [nkp/4][dvp][4], so a
-//    vector is (channels × 4 keys) as `vpdpbusd`/`vpmaddubsw` want for P·V; padded with zeros.
-//    Per key block, `vcs` holds 128 × the column sums of the codes (the AVX2 kernel multiplies
-//    P - 128, a signed byte, and adds this back).
+//  * V (pv_bits = 8), integer P·V kernels (portable, AVX-512): int8 codes, quads of keys
+//    interleaved per channel: [nkp/4][dvp][4], so a vector is (channels × 4 keys) as `vpdpbusd`
+//    wants (unsigned P codes of 4 keys × signed V); padded with zeros.
+//  * V (pv_bits = 8), fp32-FMA P·V kernel (AVX2, `v_float`): the same int8 codes stored as exact
+//    floats [nkp][dvp]: with P an integer in 0..255, every product and every block sum
+//    (≤ 64 · 255 · 127 < 2^24) is exact, so the result equals the integer one.
 //  * V (pv_bits = 16): the values rounded to the 16-bit operand type, stored as float [nkp][dvp].
 #pragma once
 #include <cstddef>
@@ -26,7 +28,7 @@
 
 namespace raad::cpu {
 
-constexpr int kKeyBlock = 128;   // keys per online-softmax step (a multiple of 32)
+constexpr int kKeyBlock = 64;    // keys per online-softmax step (32 or 64: P·V masks are 64-bit)
 constexpr int kQueryTile = 32;   // queries per parallel work item (a multiple of kRowGroup)
 constexpr int kRowGroup = 4;     // query rows sharing each K vector in the Q·Kᵀ micro-kernel
 constexpr float kLog2e = 1.4426950408889634f;
@@ -39,6 +41,7 @@ struct Plan {
   float scale;
   bool smooth, rotate;
   bool want_cls, want_recv, want_ent, want_cache;
+  bool v_float;     // pv8 V codes stored as floats (see the layouts above)
   // layout
   int dp;           // head dim after rotation padding (= D without rotation)
   int dpad;         // dp padded for the K layout
@@ -61,7 +64,6 @@ struct Work {
   float* ks;        // [BH][nkp]   K scales
   float* kmean;     // [BH][D]     (smoothing)
   int8_t* vq;       // [BH][v_stride]  pv8
-  int32_t* vcs;     // [BH][nkb][dvp]  pv8: 128 × column sums per key block
   float* vh;        // [BH][v_stride]  pv16
   float* vmean;     // [BH][Dv]
   float* vscale;    // [BH][Dv]
@@ -76,6 +78,7 @@ struct Kernels {
   const char* name;
   int kgroup, kchunk, dv_align;
   int cache_elem_bytes;  // probability cache element: 2 (fp16) or 4 (fp32)
+  bool v_float;          // P·V at 8 bits on float-stored codes (fp32 FMA) instead of int8 quads
   // Phase A: statistics of (b, h). scratch: per-thread area.
   void (*stats)(const AttentionArgs&, const Plan&, const Work&, int64_t bh, uint8_t* scratch);
   // Phase B: quantize keys [kb·kKeyBlock, ...) of (b, h) (K and V).

@@ -35,7 +35,8 @@ void tile_portable(const AttentionArgs& a, const Plan& p, const Work& w, int64_t
   float* cache = reinterpret_cast<float*>(scr + p.off_cache);
   int8_t* kun = reinterpret_cast<int8_t*>(scr + p.off_kun);
 
-  prepare_q_tile(a, p, b, h, i0, nr, nr, row, qc, nullptr, rs, qsum);
+  int8_t* tmp = reinterpret_cast<int8_t*>(row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
+  prepare_q_tile(a, p, b, h, i0, nr, nr, row, tmp, false, qc, nullptr, rs, qsum);
   for (int r = 0; r < nr; ++r) {
     M[r] = -inf_();
     L[r] = 0.f;
@@ -137,7 +138,7 @@ void tile_portable(const AttentionArgs& a, const Plan& p, const Work& w, int64_t
 }  // namespace
 
 const Kernels& kernels_portable() {
-  static const Kernels k{"portable", 8, 16, 8, 4, stats_portable, prep_portable, tile_portable};
+  static const Kernels k{"portable", 8, 16, 8, 4, false, stats_portable, prep_portable, tile_portable};
   return k;
 }
 

@@ -65,28 +65,24 @@ inline __m256 round16_ps(__m256 p) {
   }
 }
 
-struct RowState {
-  float* m;
-  float* l;
-  float* t;
-};
-
-// One row of one key block: S[0..n32) scores in log2 units (-inf for masked and padded keys).
-// Updates the running max m, sum l and entropy sum t; writes the P codes (PV = 0: u8 round(255 p);
-// PV = 1/2: floats rounded to fp16/bf16), the fp16 probability cache and the block's max stamp.
-// Returns false (and writes nothing to P·V) while every key of the row so far is masked.
+// P modes: 0 = u8 codes round(255 p) (integer P·V kernels); 1 / 2 = p rounded to fp16 / bf16,
+// and 3 = round(255 p) as a float, with a bit mask of the nonzero keys (the fp32-FMA P·V skips the
+// keys whose quantized probability is exactly 0: exact, and on trained attention many are).
+//
+// One row of one key block (n32 <= 64 keys): S[0..n32) scores in log2 units (-inf for masked and
+// padded keys), bm their max. Updates the running max m, sum l and entropy sum t; writes the P
+// operand, the fp16 probability cache and the block's max stamp. Returns -1 (nothing to add)
+// while every key of the row so far is masked, else 0.
 template <bool ENT, bool CACHE, int PV>
-inline bool softmax_row(const float* S, int n32, float& m, float& l, float& t, uint8_t* P8, float* Pf,
-                        uint16_t* cache, float* stamp, float& alpha_out) {
-  __m256 mx = _mm256_set1_ps(-inf_());
-  for (int j = 0; j < n32; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(S + j));
-  const float mnew = maxf_(m, hmax8(mx));
+inline int softmax_row(const float* S, int n32, float bm, float& m, float& l, float& t, uint8_t* P8, float* Pv,
+                       uint64_t* nzmask, uint16_t* cache, float* stamp, float& alpha_out) {
+  const float mnew = maxf_(m, bm);
   if (mnew == -inf_()) {
     if constexpr (CACHE) {
       *stamp = -inf_();
       for (int j = 0; j < n32; ++j) cache[j] = 0;
     }
-    return false;
+    return -1;
   }
   const float alpha = __builtin_exp2f(m - mnew);
   if constexpr (ENT) {
@@ -96,6 +92,7 @@ inline bool softmax_row(const float* S, int n32, float& m, float& l, float& t, u
   const __m256 k255 = _mm256_set1_ps(255.f);
   const __m256 floor_d = _mm256_set1_ps(-150.f);
   __m256 lsum = _mm256_setzero_ps(), tsum = _mm256_setzero_ps();
+  uint64_t nz = 0;
   for (int j = 0; j < n32; j += 32) {
     __m256 p[4];
     for (int u = 0; u < 4; ++u) {
@@ -106,7 +103,15 @@ inline bool softmax_row(const float* S, int n32, float& m, float& l, float& t, u
       if constexpr (CACHE)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(cache + j + 8 * u),
                          _mm256_cvtps_ph(p[u], _MM_FROUND_TO_NEAREST_INT));
-      if constexpr (PV != 0) _mm256_storeu_ps(Pf + j + 8 * u, round16_ps<PV>(p[u]));
+      if constexpr (PV != 0) {
+        __m256 q;
+        if constexpr (PV == 3)
+          q = _mm256_round_ps(_mm256_mul_ps(p[u], k255), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        else
+          q = round16_ps<PV>(p[u]);
+        _mm256_storeu_ps(Pv + j + 8 * u, q);
+        nz |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_NEQ_OQ))) << (j + 8 * u);
+      }
     }
     if constexpr (PV == 0) {
       const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(p[0], k255));  // round half to even
@@ -123,14 +128,21 @@ inline bool softmax_row(const float* S, int n32, float& m, float& l, float& t, u
   m = mnew;
   if constexpr (CACHE) *stamp = mnew;
   alpha_out = alpha;
-  return true;
+  *nzmask = nz;
+  return 0;
 }
 
-using SoftmaxFn = bool (*)(const float*, int, float&, float&, float&, uint8_t*, float*, uint16_t*, float*, float&);
+using SoftmaxFn = int (*)(const float*, int, float, float&, float&, float&, uint8_t*, float*, uint64_t*, uint16_t*,
+                          float*, float&);
 
 template <bool ENT, bool CACHE>
 SoftmaxFn softmax_for_pv(int pv) {
-  return pv == 0 ? softmax_row<ENT, CACHE, 0> : (pv == 1 ? softmax_row<ENT, CACHE, 1> : softmax_row<ENT, CACHE, 2>);
+  switch (pv) {
+    case 0: return softmax_row<ENT, CACHE, 0>;
+    case 1: return softmax_row<ENT, CACHE, 1>;
+    case 2: return softmax_row<ENT, CACHE, 2>;
+    default: return softmax_row<ENT, CACHE, 3>;
+  }
 }
 
 inline SoftmaxFn pick_softmax(bool ent, bool cache, int pv) {
@@ -138,12 +150,15 @@ inline SoftmaxFn pick_softmax(bool ent, bool cache, int pv) {
   return cache ? softmax_for_pv<false, true>(pv) : softmax_for_pv<false, false>(pv);
 }
 
-// 16-bit P·V in fp32 FMA: o = α·o + Σ_j P[j] · V[j, :] for NV vectors of 8 channels.
+// fp32-FMA P·V over the nonzero keys of a block: o = α·o + Σ_{j in mask} P[j] · V[j, :], NV vectors
+// of 8 channels. `v` is the key block's first row (floats, row stride `stride`).
 template <int NV>
-inline void pv16_chunk(const float* P, int n, const float* v, int64_t stride, float* o, float alpha) {
+inline void pv_sparse_chunk(const float* P, uint64_t mask, const float* v, int64_t stride, float* o, float alpha) {
   __m256 acc[NV];
   for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
-  for (int j = 0; j < n; ++j) {
+  while (mask) {
+    const int j = __builtin_ctzll(mask);
+    mask &= mask - 1;
     const __m256 pb = _mm256_broadcast_ss(P + j);
     const float* vr = v + j * stride;
     for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(pb, _mm256_loadu_ps(vr + 8 * c), acc[c]);
@@ -153,26 +168,42 @@ inline void pv16_chunk(const float* P, int n, const float* v, int64_t stride, fl
     _mm256_storeu_ps(o + 8 * c, _mm256_fmadd_ps(_mm256_loadu_ps(o + 8 * c), al, acc[c]));
 }
 
-inline void pv16_row(const float* P, int n, const float* v, int dvp, float* o, float alpha) {
+inline void pv_sparse_row(const float* P, uint64_t mask, const float* v, int dvp, float* o, float alpha) {
   for (int c0 = 0; c0 < dvp; c0 += 64) {
     const int nv = (dvp - c0) / 8 < 8 ? (dvp - c0) / 8 : 8;
     switch (nv) {
-      case 1: pv16_chunk<1>(P, n, v + c0, dvp, o + c0, alpha); break;
-      case 2: pv16_chunk<2>(P, n, v + c0, dvp, o + c0, alpha); break;
-      case 3: pv16_chunk<3>(P, n, v + c0, dvp, o + c0, alpha); break;
-      case 4: pv16_chunk<4>(P, n, v + c0, dvp, o + c0, alpha); break;
-      case 5: pv16_chunk<5>(P, n, v + c0, dvp, o + c0, alpha); break;
-      case 6: pv16_chunk<6>(P, n, v + c0, dvp, o + c0, alpha); break;
-      case 7: pv16_chunk<7>(P, n, v + c0, dvp, o + c0, alpha); break;
-      default: pv16_chunk<8>(P, n, v + c0, dvp, o + c0, alpha); break;
+      case 1: pv_sparse_chunk<1>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      case 2: pv_sparse_chunk<2>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      case 3: pv_sparse_chunk<3>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      case 4: pv_sparse_chunk<4>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      case 5: pv_sparse_chunk<5>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      case 6: pv_sparse_chunk<6>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      case 7: pv_sparse_chunk<7>(P, mask, v + c0, dvp, o + c0, alpha); break;
+      default: pv_sparse_chunk<8>(P, mask, v + c0, dvp, o + c0, alpha); break;
     }
   }
 }
 
+// Score epilogue shared by the Q·Kᵀ micro-kernels: int32 → float · (s_k · rs); keys at or beyond
+// `lim` (padding of the last block) get -inf; running max per row.
+inline __m256 scores8(__m256i s, __m256 ks, __m256 rsv, int base, int lim, __m256& mx) {
+  __m256 u = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), ks), rsv);
+  if (base + 8 > lim) {
+    const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(lim), lane));
+    u = _mm256_blendv_ps(_mm256_set1_ps(-inf_()), u, valid);
+  }
+  mx = _mm256_max_ps(mx, u);
+  return u;
+}
+
 // The fused kernel of one (b, h, query tile). ISA provides:
-//   kGroup, kChunk (keys per Q·Kᵀ chunk), kNeedAbs (wants |q| codes),
-//   qk(plan, qc, qa, rs, qsum, kblock, nchunks, kscale, S): S[r·kKeyBlock + j] for 4 rows,
-//   pv8(plan, P8, nquads, vblock, vcs_block, o, alpha): o = α·o + Σ P·V (integer).
+//   kGroup, kChunk (keys per Q·Kᵀ chunk), kNeedAbs (wants |q| codes), kPvFloat (P·V at 8 bits on
+//   float-stored codes with fp32 FMA, else the integer kernel pv8),
+//   qk(plan, qg, qag, rs, qsum, kblock, nv, kscale, S, bmax): S[r·kKeyBlock + j] for the 4 rows of
+//     a group, whose codes qg (and |codes| qag) are interleaved: step s of row r at 16 s + 4 r;
+//     keys nv.. of the last chunk get -inf; bmax[r] = the row's max;
+//   pv8(plan, P8, nquads, vblock, o, alpha): o = α·o + Σ P·V (integer, unsigned P codes).
 template <class ISA>
 void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, int64_t qt, int64_t slot,
               uint8_t* scr) {
@@ -187,7 +218,7 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
   float* row = reinterpret_cast<float*>(scr + p.off_row);
   float* S = reinterpret_cast<float*>(scr + p.off_S);
   uint8_t* P8 = scr + p.off_P;
-  float* Pf = reinterpret_cast<float*>(scr + p.off_P);
+  float* Pv = reinterpret_cast<float*>(scr + p.off_P);
   float* bias = reinterpret_cast<float*>(scr + p.off_bias);
   float* outf = reinterpret_cast<float*>(scr + p.off_outf);
   float* M = reinterpret_cast<float*>(scr + p.off_m);
@@ -196,7 +227,8 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
   float* stamp = reinterpret_cast<float*>(scr + p.off_stamp);
   uint16_t* cache = reinterpret_cast<uint16_t*>(scr + p.off_cache);
 
-  prepare_q_tile(a, p, b, h, i0, nr, ng * kRowGroup, row, qc, ISA::kNeedAbs ? qa : nullptr, rs, qsum);
+  int8_t* tmp = reinterpret_cast<int8_t*>(row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
+  prepare_q_tile(a, p, b, h, i0, nr, ng * kRowGroup, row, tmp, true, qc, ISA::kNeedAbs ? qa : nullptr, rs, qsum);
   for (int r = 0; r < nr; ++r) {
     M[r] = -inf_();
     L[r] = 0.f;
@@ -204,39 +236,52 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
     for (int c = 0; c < p.dvp; ++c) outf[int64_t(r) * p.dvp + c] = 0.f;
   }
 
-  const int pvmode = p.pv_bits == 8 ? 0 : (a.q.dtype == DType::BF16 ? 2 : 1);
+  const bool int_pv = p.pv_bits == 8 && !ISA::kPvFloat;
+  const int pvmode = p.pv_bits == 8 ? (int_pv ? 0 : 3) : (a.q.dtype == DType::BF16 ? 2 : 1);
   const SoftmaxFn softmax = pick_softmax(p.want_ent, p.want_cache, pvmode);
   const uint8_t* kbh = w.kq + bh * p.kq_stride;
   const float* ks = w.ks + bh * p.nkp;
   const int64_t gbytes = k_group_bytes(p);
+  float bmax[kRowGroup];
   for (int64_t kb = 0; kb < p.nkb; ++kb) {
     const int64_t j0 = kb * kKeyBlock;
     const int nv = int(min64_(kKeyBlock, p.Nk - j0));
-    const int nch = (nv + ISA::kChunk - 1) / ISA::kChunk;
-    const int n32 = (nch * ISA::kChunk + 31) / 32 * 32;
-    const int nquads = (nv + 3) / 4;
+    const int nk = (nv + ISA::kChunk - 1) / ISA::kChunk * ISA::kChunk;  // scores written by qk
+    const int n32 = (nk + 31) / 32 * 32;
+    [[maybe_unused]] const int nquads = (nv + 3) / 4;
     const uint8_t* kblk = kbh + (j0 / ISA::kGroup) * gbytes;
+    const float* vblk = int_pv ? nullptr : w.vh + bh * p.v_stride + j0 * p.dvp;  // float V rows
     for (int g = 0; g < ng; ++g) {
       const int r0 = g * kRowGroup;
-      ISA::qk(p, qc + int64_t(r0) * p.dpad, qa + int64_t(r0) * p.dpad, rs + r0, qsum + r0, kblk, nch, ks + j0, S);
+      ISA::qk(p, qc + int64_t(r0) * p.dpad, qa + int64_t(r0) * p.dpad, rs + r0, qsum + r0, kblk, nv, ks + j0, S,
+              bmax);
       for (int rr = 0; rr < kRowGroup && r0 + rr < nr; ++rr) {
         const int r = r0 + rr;
         float* Sr = S + rr * kKeyBlock;
-        for (int jj = nv; jj < n32; ++jj) Sr[jj] = -inf_();
+        for (int jj = nk; jj < n32; ++jj) Sr[jj] = -inf_();
+        float bm = bmax[rr];
         if (a.mask.data) {
           load_bias_log2(a.mask, b, h, i0 + r, j0, nv, bias);
-          for (int jj = 0; jj < nv; ++jj) Sr[jj] += bias[jj];
+          bm = -inf_();
+          for (int jj = 0; jj < nv; ++jj) {
+            Sr[jj] += bias[jj];
+            bm = maxf_(bm, Sr[jj]);
+          }
         }
         float alpha;
-        if (!softmax(Sr, n32, M[r], L[r], T[r], P8, Pf, cache + int64_t(r) * p.cache_row + j0,
-                     stamp + int64_t(r) * p.nkb + kb, alpha))
+        uint64_t nzmask = 0;
+        if (softmax(Sr, n32, bm, M[r], L[r], T[r], P8, Pv, &nzmask, cache + int64_t(r) * p.cache_row + j0,
+                    stamp + int64_t(r) * p.nkb + kb, alpha) < 0)
           continue;
         float* o = outf + int64_t(r) * p.dvp;
-        if (p.pv_bits == 8)
-          ISA::pv8(p, P8, nquads, w.vq + bh * p.v_stride + (j0 >> 2) * p.dvp * 4,
-                   w.vcs + (bh * p.nkb + kb) * p.dvp, o, alpha);
-        else
-          pv16_row(Pf, nv, w.vh + bh * p.v_stride + j0 * p.dvp, p.dvp, o, alpha);
+        if constexpr (!ISA::kPvFloat) {
+          if (int_pv) {
+            ISA::pv8(p, P8, nquads, w.vq + bh * p.v_stride + (j0 >> 2) * p.dvp * 4, o, alpha);
+            continue;
+          }
+        }
+        if (nv < 64) nzmask &= (uint64_t(1) << nv) - 1;  // padded keys (p = 0 unless inputs are NaN)
+        pv_sparse_row(Pv, nzmask, vblk, p.dvp, o, alpha);
       }
     }
   }

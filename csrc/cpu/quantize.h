@@ -11,8 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__F16C__) && defined(__AVX__)
+#if defined(__AVX__)
 #include <immintrin.h>
+#endif
+#if defined(__F16C__) && defined(__AVX__)
 #define RAAD_HAVE_F16C 1
 #endif
 
@@ -147,6 +149,15 @@ inline void load_row(const View4& t, int64_t b, int64_t h, int64_t n, int64_t le
     default:
       break;
   }
+}
+
+// Row (b, h, n) as floats: a pointer into the input itself when it is a contiguous float32 row
+// (no copy), else loaded into `buf`.
+inline const float* get_row(const View4& t, int64_t b, int64_t h, int64_t n, int64_t len, float* buf) {
+  if (t.dtype == DType::F32 && (t.stride[3] == 1 || len == 1))
+    return static_cast<const float*>(t.data) + b * t.stride[0] + h * t.stride[1] + n * t.stride[2];
+  load_row(t, b, h, n, len, buf);
+  return buf;
 }
 
 // out[off .. off+len) = src as `dt` (round half to even).
@@ -285,7 +296,19 @@ inline float grid_error(const float* x, int n, float s) {
   return r;
 }
 
-// quant.token_scales for one row.
+// quant.token_scales for one row. At 4 and 2 bits the candidates are the absmax, then
+// min(a·rms, absmax) for a in CLIP_GRID; the least squared error wins, ties keep the earlier.
+constexpr float kClipGrid4[8] = {2.0f, 2.25f, 2.5f, 2.75f, 3.0f, 3.5f, 4.0f, 5.0f};
+constexpr float kClipGrid2[8] = {1.0f, 1.25f, 1.5f, 1.75f, 2.0f, 2.25f, 2.5f, 3.0f};
+constexpr int kClipCandidates = 9;
+
+template <int BITS>
+inline void clip_candidates(float amax, float rms, float* cand) {
+  const float* grid = BITS == 4 ? kClipGrid4 : kClipGrid2;
+  cand[0] = amax / qmax_<BITS>();
+  for (int g = 0; g < 8; ++g) cand[g + 1] = minf_(grid[g] * rms, amax) / qmax_<BITS>();
+}
+
 template <int BITS>
 inline float token_scale(const float* x, int n) {
   const float amax = row_absmax(x, n);
@@ -293,18 +316,15 @@ inline float token_scale(const float* x, int n) {
   if constexpr (BITS == 8) {
     scale = amax / 127.f;
   } else {
-    constexpr float grid4[8] = {2.0f, 2.25f, 2.5f, 2.75f, 3.0f, 3.5f, 4.0f, 5.0f};
-    constexpr float grid2[8] = {1.0f, 1.25f, 1.5f, 1.75f, 2.0f, 2.25f, 2.5f, 3.0f};
-    const float* grid = BITS == 4 ? grid4 : grid2;
-    const float rms = __builtin_sqrtf(row_sumsq(x, n) / float(n));
+    float cand[kClipCandidates];
+    clip_candidates<BITS>(amax, __builtin_sqrtf(row_sumsq(x, n) / float(n)), cand);
     float best_err = 0.f;
     scale = 0.f;
-    for (int g = 0; g < 8; ++g) {
-      const float s = minf_(grid[g] * rms, amax) / qmax_<BITS>();
-      const float err = grid_error<BITS>(x, n, s > 0.f ? s : 1.f);
-      if (g == 0 || err < best_err) {  // strict: ties keep the smaller multiple
+    for (int g = 0; g < kClipCandidates; ++g) {
+      const float err = grid_error<BITS>(x, n, cand[g] > 0.f ? cand[g] : 1.f);
+      if (g == 0 || err < best_err) {  // strict: ties keep the earlier candidate
         best_err = err;
-        scale = s;
+        scale = cand[g];
       }
     }
   }
@@ -318,7 +338,131 @@ inline void quantize_codes(const float* x, int n, float s, int8_t* codes) {
   for (int i = 0; i < n; ++i) codes[i] = int8_t(to_grid<BITS>(x[i] / s));
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 versions of the row quantizer and the Hadamard transform (AVX2 and AVX-512 TUs): the same
+// operations as the scalar code above, 8 lanes at a time (the FWHT is bit-identical).
+#define RAAD_HAVE_AVX2_QUANT 1
+
+inline float hsum8_q(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8_q(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+template <int BITS>
+inline __m256 to_grid_ps(__m256 y) {
+  if constexpr (BITS == 2) {  // 2·floor(y/2) + 1 clamped to [-3, 3]
+    const __m256 g = _mm256_fmadd_ps(_mm256_floor_ps(_mm256_mul_ps(y, _mm256_set1_ps(0.5f))), _mm256_set1_ps(2.f),
+                                     _mm256_set1_ps(1.f));
+    return _mm256_min_ps(_mm256_max_ps(g, _mm256_set1_ps(-3.f)), _mm256_set1_ps(3.f));
+  } else {
+    const __m256 q = _mm256_set1_ps(qmax_<BITS>());
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(y, _mm256_sub_ps(_mm256_setzero_ps(), q)), q);
+    return _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+// Squared errors of 3 candidate scales at once (independent accumulators: the search is bound by
+// the FMA latency otherwise). n a multiple of 8.
+template <int BITS>
+inline void grid_errors3(const float* x, int n, const float* s, float* err) {
+  __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0;
+  const __m256 s0 = _mm256_set1_ps(s[0]), s1 = _mm256_set1_ps(s[1]), s2 = _mm256_set1_ps(s[2]);
+  const __m256 i0 = _mm256_set1_ps(1.f / s[0]), i1 = _mm256_set1_ps(1.f / s[1]), i2 = _mm256_set1_ps(1.f / s[2]);
+  for (int i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 d0 = _mm256_fmsub_ps(to_grid_ps<BITS>(_mm256_mul_ps(v, i0)), s0, v);
+    const __m256 d1 = _mm256_fmsub_ps(to_grid_ps<BITS>(_mm256_mul_ps(v, i1)), s1, v);
+    const __m256 d2 = _mm256_fmsub_ps(to_grid_ps<BITS>(_mm256_mul_ps(v, i2)), s2, v);
+    e0 = _mm256_fmadd_ps(d0, d0, e0);
+    e1 = _mm256_fmadd_ps(d1, d1, e1);
+    e2 = _mm256_fmadd_ps(d2, d2, e2);
+  }
+  err[0] = hsum8_q(e0);
+  err[1] = hsum8_q(e1);
+  err[2] = hsum8_q(e2);
+}
+
+// n a multiple of 8.
+template <int BITS>
+inline float quantize_row_avx2(const float* x, int n, int8_t* codes) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 am = _mm256_setzero_ps(), sq = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v));
+    sq = _mm256_fmadd_ps(v, v, sq);
+  }
+  const float amax = hmax8_q(am);
+  float scale;
+  if constexpr (BITS == 8) {
+    scale = amax / 127.f;
+  } else {
+    float cand[kClipCandidates], safe[kClipCandidates], err[kClipCandidates];
+    clip_candidates<BITS>(amax, __builtin_sqrtf(hsum8_q(sq) / float(n)), cand);
+    for (int g = 0; g < kClipCandidates; ++g) safe[g] = cand[g] > 0.f ? cand[g] : 1.f;
+    for (int g = 0; g < kClipCandidates; g += 3) grid_errors3<BITS>(x, n, safe + g, err + g);
+    scale = cand[0];
+    float best_err = err[0];
+    for (int g = 1; g < kClipCandidates; ++g)
+      if (err[g] < best_err) {  // strict: ties keep the earlier candidate
+        best_err = err[g];
+        scale = cand[g];
+      }
+  }
+  if (!(scale > 0.f)) scale = BITS == 2 ? 1.17549435e-38f : 1.f;
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int i = 0; i < n; i += 8) {
+    const __m256i c = _mm256_cvtps_epi32(to_grid_ps<BITS>(_mm256_div_ps(_mm256_loadu_ps(x + i), sv)));
+    const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(c, c), _mm256_setzero_si256());
+    const __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), b);
+  }
+  return scale;
+}
+
+// Orthonormal FWHT for n >= 8 (power of two): in-register stages 1, 2, 4, then vector butterflies.
+inline void fwht_avx2(float* x, int n) {
+  const __m256 odd1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 odd2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  for (int i = 0; i < n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    __m256 sw = _mm256_permute_ps(v, 0xB1);  // swap neighbours
+    v = _mm256_blendv_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), odd1);
+    sw = _mm256_permute_ps(v, 0x4E);  // swap pairs
+    v = _mm256_blendv_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), odd2);
+    sw = _mm256_permute2f128_ps(v, v, 1);  // swap halves
+    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xF0);
+    _mm256_storeu_ps(x + i, v);
+  }
+  for (int len = 8; len < n; len <<= 1)
+    for (int i = 0; i < n; i += 2 * len)
+      for (int j = i; j < i + len; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + len);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(x + j + len, _mm256_sub_ps(a, b));
+      }
+  const __m256 s = _mm256_set1_ps(float(1.0 / __builtin_sqrt(double(n))));
+  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), s));
+}
+#endif
+
 inline float quantize_row(const float* x, int n, int bits, int8_t* codes) {
+#ifdef RAAD_HAVE_AVX2_QUANT
+  if ((n & 7) == 0) {
+    if (bits == 8) return quantize_row_avx2<8>(x, n, codes);
+    if (bits == 4) return quantize_row_avx2<4>(x, n, codes);
+    return quantize_row_avx2<2>(x, n, codes);
+  }
+#endif
   float s;
   switch (bits) {
     case 8: s = token_scale<8>(x, n); quantize_codes<8>(x, n, s, codes); break;
@@ -332,11 +476,25 @@ inline float quantize_row(const float* x, int n, int bits, int8_t* codes) {
 // smoothing; may be null), zero-pad to dp, rotate, quantize. `row` holds dp floats.
 inline float prepare_qk_row(const View4& t, const Plan& p, int64_t b, int64_t h, int64_t n,
                             const float* mean, float* row, int8_t* codes) {
-  load_row(t, b, h, n, p.D, row);
-  if (mean)
-    for (int64_t c = 0; c < p.D; ++c) row[c] -= mean[c];
+  const float* src = get_row(t, b, h, n, p.D, row);
+  if (!mean && !p.rotate) {  // quantized as it is (dp = D): straight from the input when possible
+    const float s = quantize_row(src, p.dp, p.bits, codes);
+    for (int c = p.dp; c < p.dpad; ++c) codes[c] = 0;
+    return s;
+  }
+  if (mean) {
+    for (int64_t c = 0; c < p.D; ++c) row[c] = src[c] - mean[c];
+  } else if (src != row) {
+    std::memcpy(row, src, size_t(p.D) * 4);
+  }
   for (int c = int(p.D); c < p.dp; ++c) row[c] = 0.f;
-  if (p.rotate) fwht(row, p.dp);
+  if (p.rotate) {
+#ifdef RAAD_HAVE_AVX2_QUANT
+    if (p.dp >= 8) fwht_avx2(row, p.dp);
+    else
+#endif
+      fwht(row, p.dp);
+  }
   const float s = quantize_row(row, p.dp, p.bits, codes);
   for (int c = p.dp; c < p.dpad; ++c) codes[c] = 0;
   return s;
@@ -354,8 +512,7 @@ inline void store_k_codes(uint8_t* kbh, const Plan& p, int64_t j, const int8_t* 
   uint8_t* grp = kbh + (j / G) * k_group_bytes(p);
   const int kk = int(j % G);
   if (p.bits == 8) {
-    for (int s = 0; s < p.dpad / 4; ++s)
-      for (int c = 0; c < 4; ++c) grp[(s * G + kk) * 4 + c] = uint8_t(codes[4 * s + c]);
+    for (int s = 0; s < p.dpad / 4; ++s) std::memcpy(grp + (s * G + kk) * 4, codes + 4 * s, 4);
   } else if (p.bits == 4) {
     for (int s = 0; s < p.dpad / 8; ++s)
       for (int c = 0; c < 4; ++c)
@@ -386,6 +543,45 @@ inline int k_code(const uint8_t* kbh, const Plan& p, int64_t j, int c) {
 }
 
 // --------------------------------------------------------------------------------------------
+// Per-channel V helpers (float min/max written with intrinsics where available: the compiler
+// does not vectorise `a > b ? a : b` on floats without -ffinite-math-only)
+// --------------------------------------------------------------------------------------------
+
+// lo[c] = min(lo[c], row[c]), hi[c] = max(hi[c], row[c])
+inline void minmax_update(const float* row, int64_t n, float* lo, float* hi) {
+  int64_t c = 0;
+#ifdef RAAD_HAVE_AVX2_QUANT
+  for (; c + 8 <= n; c += 8) {
+    const __m256 v = _mm256_loadu_ps(row + c);
+    _mm256_storeu_ps(lo + c, _mm256_min_ps(_mm256_loadu_ps(lo + c), v));
+    _mm256_storeu_ps(hi + c, _mm256_max_ps(_mm256_loadu_ps(hi + c), v));
+  }
+#endif
+  for (; c < n; ++c) {
+    lo[c] = minf_(lo[c], row[c]);
+    hi[c] = maxf_(hi[c], row[c]);
+  }
+}
+
+// dst[c] = round(clamp((row[c] − vm[c]) / vs[c], ±127)) (quant.prepare_v), as float or int8.
+template <class T>
+inline void v_codes(const float* row, const float* vm, const float* vs, int64_t n, T* dst) {
+  int64_t c = 0;
+#ifdef RAAD_HAVE_AVX2_QUANT
+  if constexpr (sizeof(T) == 4) {
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    for (; c + 8 <= n; c += 8) {
+      const __m256 y = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(vm + c)),
+                                     _mm256_loadu_ps(vs + c));
+      _mm256_storeu_ps(dst + c, _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(y, lo), hi),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+#endif
+  for (; c < n; ++c) dst[c] = T(rne_(clampf_((row[c] - vm[c]) / vs[c], -127.f, 127.f)));
+}
+
+// --------------------------------------------------------------------------------------------
 // Phase A: statistics of one (b, h)
 // --------------------------------------------------------------------------------------------
 
@@ -394,32 +590,36 @@ inline void stats_impl(const AttentionArgs& a, const Plan& p, const Work& w, int
   const int64_t dmax = p.D > p.Dv ? p.D : p.Dv;
   double* acc = reinterpret_cast<double*>(scratch);
   float* row = reinterpret_cast<float*>(acc + dmax);
-  if (p.smooth) {
+  float* lo = row + dmax;
+  float* hi = lo + dmax;
+  if (p.smooth) {  // K mean over tokens, per channel
     for (int64_t c = 0; c < p.D; ++c) acc[c] = 0.0;
     for (int64_t j = 0; j < p.Nk; ++j) {
-      load_row(a.k, b, h, j, p.D, row);
-      for (int64_t c = 0; c < p.D; ++c) acc[c] += double(row[c]);
+      const float* r = get_row(a.k, b, h, j, p.D, row);
+      for (int64_t c = 0; c < p.D; ++c) acc[c] += double(r[c]);
     }
     float* km = w.kmean + bh * p.D;
     for (int64_t c = 0; c < p.D; ++c) km[c] = float(acc[c] / double(p.Nk));
   }
-  if (p.pv_bits == 8) {
-    for (int64_t c = 0; c < p.Dv; ++c) acc[c] = 0.0;
+  if (p.pv_bits == 8) {  // V mean and absmax of (V − mean) per channel, in one pass:
+    // max_j |v_j − m| = max(max_j v_j − m, m − min_j v_j) (float subtraction is monotonic)
+    for (int64_t c = 0; c < p.Dv; ++c) {
+      acc[c] = 0.0;
+      lo[c] = inf_();
+      hi[c] = -inf_();
+    }
     for (int64_t j = 0; j < p.Nk; ++j) {
-      load_row(a.v, b, h, j, p.Dv, row);
-      for (int64_t c = 0; c < p.Dv; ++c) acc[c] += double(row[c]);
+      const float* r = get_row(a.v, b, h, j, p.Dv, row);
+      for (int64_t c = 0; c < p.Dv; ++c) acc[c] += double(r[c]);
+      minmax_update(r, p.Dv, lo, hi);
     }
     float* vm = w.vmean + bh * p.Dv;
     float* vs = w.vscale + bh * p.Dv;
     for (int64_t c = 0; c < p.Dv; ++c) {
       vm[c] = float(acc[c] / double(p.Nk));
-      vs[c] = 0.f;
+      const float dev = maxf_(hi[c] - vm[c], vm[c] - lo[c]);
+      vs[c] = dev > 0.f ? dev / 127.f : 1.f;
     }
-    for (int64_t j = 0; j < p.Nk; ++j) {
-      load_row(a.v, b, h, j, p.Dv, row);
-      for (int64_t c = 0; c < p.Dv; ++c) vs[c] = maxf_(vs[c], absf_(row[c] - vm[c]));
-    }
-    for (int64_t c = 0; c < p.Dv; ++c) vs[c] = vs[c] > 0.f ? vs[c] / 127.f : 1.f;
   }
 }
 
@@ -446,21 +646,29 @@ inline void prep_impl(const AttentionArgs& a, const Plan& p, const Work& w, int6
     }
     store_k_codes(kbh, p, j, codes);
   }
-  if (p.pv_bits == 8) {
-    int8_t* vbh = w.vq + bh * p.v_stride;
-    int32_t* cs = w.vcs + (bh * p.nkb + kb) * p.dvp;
+  if (p.pv_bits == 8 && p.v_float) {
     const float* vm = w.vmean + bh * p.Dv;
     const float* vs = w.vscale + bh * p.Dv;
-    for (int c = 0; c < p.dvp; ++c) cs[c] = 0;
+    float* vh = w.vh + bh * p.v_stride;
+    for (int64_t j = j0; j < j1; ++j) {
+      float* dst = vh + j * p.dvp;
+      if (j < p.Nk) {
+        v_codes(get_row(a.v, b, h, j, p.Dv, row), vm, vs, p.Dv, dst);
+        for (int c = int(p.Dv); c < p.dvp; ++c) dst[c] = 0.f;
+      } else {
+        for (int c = 0; c < p.dvp; ++c) dst[c] = 0.f;
+      }
+    }
+  } else if (p.pv_bits == 8) {
+    int8_t* vbh = w.vq + bh * p.v_stride;
+    const float* vm = w.vmean + bh * p.Dv;
+    const float* vs = w.vscale + bh * p.Dv;
+    int8_t* codes8 = reinterpret_cast<int8_t*>(codes);
     for (int64_t j = j0; j < j1; ++j) {
       int8_t* dst = vbh + (j >> 2) * p.dvp * 4 + (j & 3);
       if (j < p.Nk) {
-        load_row(a.v, b, h, j, p.Dv, row);
-        for (int64_t c = 0; c < p.Dv; ++c) {
-          const int8_t code = int8_t(rne_(clampf_((row[c] - vm[c]) / vs[c], -127.f, 127.f)));
-          dst[c * 4] = code;
-          cs[c] += 128 * code;
-        }
+        v_codes(get_row(a.v, b, h, j, p.Dv, row), vm, vs, p.Dv, codes8);
+        for (int64_t c = 0; c < p.Dv; ++c) dst[c * 4] = codes8[c];
         for (int c = int(p.Dv); c < p.dvp; ++c) dst[c * 4] = 0;
       } else {
         for (int c = 0; c < p.dvp; ++c) dst[c * 4] = 0;
@@ -472,8 +680,8 @@ inline void prep_impl(const AttentionArgs& a, const Plan& p, const Work& w, int6
     for (int64_t j = j0; j < j1; ++j) {
       float* dst = vh + j * p.dvp;
       if (j < p.Nk) {
-        load_row(a.v, b, h, j, p.Dv, row);
-        for (int64_t c = 0; c < p.Dv; ++c) dst[c] = round_half(row[c], bf);
+        const float* r = get_row(a.v, b, h, j, p.Dv, row);
+        for (int64_t c = 0; c < p.Dv; ++c) dst[c] = round_half(r[c], bf);
         for (int c = int(p.Dv); c < p.dvp; ++c) dst[c] = 0.f;
       } else {
         for (int c = 0; c < p.dvp; ++c) dst[c] = 0.f;
@@ -486,24 +694,35 @@ inline void prep_impl(const AttentionArgs& a, const Plan& p, const Work& w, int6
 // Phase C helpers shared by every kernel
 // --------------------------------------------------------------------------------------------
 
-// Quantize the query rows of a tile: codes [kQueryTile][dpad] (rows ≥ nr are zero), log2-domain
-// row scales rs = s_q · scale · log2(e), and code sums (for the offset corrections).
+// Quantize the query rows of a tile: codes (rows >= nr are zero), log2-domain row scales
+// rs = s_q · scale · log2(e), and code sums (for the offset corrections). `qa` (may be null) gets
+// the absolute codes. Layout: row-major [row][dpad], or with `interleave` grouped by kRowGroup
+// rows: [row / 4][dpad / 4][row % 4][4], so the 4 rows' bytes of one 4-channel step are adjacent.
 inline void prepare_q_tile(const AttentionArgs& a, const Plan& p, int64_t b, int64_t h, int64_t i0, int nr,
-                           int nrows_padded, float* row, int8_t* qc, int8_t* qa, float* rs, int32_t* qsum) {
+                           int nrows_padded, float* row, int8_t* tmp, bool interleave, int8_t* qc, int8_t* qa,
+                           float* rs, int32_t* qsum) {
   for (int r = 0; r < nrows_padded; ++r) {
-    int8_t* c = qc + int64_t(r) * p.dpad;
     if (r < nr) {
-      rs[r] = prepare_qk_row(a.q, p, b, h, i0 + r, nullptr, row, c) * p.scale * kLog2e;
+      rs[r] = prepare_qk_row(a.q, p, b, h, i0 + r, nullptr, row, tmp) * p.scale * kLog2e;
     } else {
       rs[r] = 0.f;
-      for (int k = 0; k < p.dpad; ++k) c[k] = 0;
+      for (int k = 0; k < p.dpad; ++k) tmp[k] = 0;
     }
     int32_t sum = 0;
-    for (int k = 0; k < p.dpad; ++k) sum += c[k];
+    for (int k = 0; k < p.dpad; ++k) sum += tmp[k];
     qsum[r] = sum;
-    if (qa) {
-      int8_t* d = qa + int64_t(r) * p.dpad;
-      for (int k = 0; k < p.dpad; ++k) d[k] = int8_t(c[k] < 0 ? -c[k] : c[k]);
+    int8_t* abs_codes = tmp + p.dpad;  // the caller's tmp holds 2 × dpad bytes
+    if (qa)
+      for (int k = 0; k < p.dpad; ++k) abs_codes[k] = int8_t(tmp[k] < 0 ? -tmp[k] : tmp[k]);
+    if (interleave) {
+      const int64_t base = int64_t(r / kRowGroup) * kRowGroup * p.dpad + (r % kRowGroup) * 4;
+      for (int k = 0; k < p.dpad; k += 4) {
+        std::memcpy(qc + base + k * kRowGroup, tmp + k, 4);
+        if (qa) std::memcpy(qa + base + k * kRowGroup, abs_codes + k, 4);
+      }
+    } else {
+      std::memcpy(qc + int64_t(r) * p.dpad, tmp, size_t(p.dpad));
+      if (qa) std::memcpy(qa + int64_t(r) * p.dpad, abs_codes, size_t(p.dpad));
     }
   }
 }

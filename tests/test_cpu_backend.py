@@ -1,0 +1,431 @@
+"""The ``cpu`` backend (C++ kernels in csrc/cpu) against the ``torch`` emulation and float64.
+
+Every kernel path this CPU can run is tested in-process through the extension's ``isa`` argument
+(``portable`` always, ``avx2`` / ``avx512`` when the CPU has them); ``RAAD_CPU_ISA`` is checked
+in a subprocess. The DESIGN.md rule: the backend's error against float64 is at most 1.25× the
+emulation's (+1e-4) and above the cosine floors on realistic inputs; outputs are poisoned first.
+
+Map tolerances: the kernel computes the maps from the same unquantized probabilities as the
+emulation, but keeps them in an fp16 cache between the pass and the normalisation (relative
+rounding 2^-11) and uses a polynomial exp2 (relative error 2e-7); so its maps must match the
+emulation's to MAP_TOL (relative L2) and be as close to float64 as the emulation's (1.25×, plus
+MAP_TOL): the quantization of Q·Kᵀ, not the kernel, sets the maps' error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import raad_kernels as rk
+from raad_kernels import quant, torch_backend
+from raad_kernels.reference import attention_reference
+from raad_kernels.testing import check_accuracy, error, make_qkv, poison_
+from raad_kernels.testing import check_maps as check_maps_rule
+
+_cpu = pytest.importorskip("raad_kernels._cpu")
+if not hasattr(_cpu, "attention"):
+    pytest.skip("CPU extension built without the attention kernel", allow_module_level=True)
+
+from raad_kernels import cpu_backend  # noqa: E402
+
+CAPS = _cpu.capabilities()
+ISAS = ["portable"] + (["avx2"] if CAPS["avx2"] else []) + (["avx512"] if CAPS["best_isa"] in ("avx512", "amx") else [])
+MAPS = ("cls", "received", "entropy")
+MAP_TOL = 2e-3
+
+
+def run(q, k, v, isa, qk_bits=8, pv_bits=8, maps=(), mask=None, scale=None, poison=True, **kw):
+    """The kernel on `isa`, writing into a NaN-poisoned output."""
+    b, h, nq, _ = q.shape
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype)
+    if poison:
+        poison_(out)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    o, m = cpu_backend.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=mask,
+                                 return_maps=maps, out=out, isa=isa, **kw)
+    assert o.data_ptr() == out.data_ptr()
+    return o, m
+
+
+def emulate(q, k, v, qk_bits=8, pv_bits=8, maps=(), mask=None, scale=None, **kw):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch_backend.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=mask,
+                                   return_maps=maps, **kw)
+
+
+def check_maps(got, emu, ref, what, qk_bits=8, floor=False):
+    """The shared map rule (testing.check_maps) plus closeness to the emulation's maps."""
+    check_maps_rule(got, emu, ref, qk_bits, what=what, floor=floor)
+    for name in got:
+        d_emu = error(got[name], emu[name]).rel_l2
+        assert d_emu <= MAP_TOL, f"{what} {name}: rel_l2 {d_emu:.2e} against the emulation's map"
+
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
+
+def test_status_and_capabilities():
+    st_ = rk.backends()["cpu"]
+    assert st_.built and st_.runnable, st_.reason
+    assert CAPS["active_isa"] in ("portable", "avx2", "avx512", "amx")
+    assert CAPS["kernel_isa"] in ("portable", "avx2", "avx512")
+    assert cpu_backend.supports(torch.device("cpu")) and not cpu_backend.supports(torch.device("meta"))
+    # auto picks the cpu backend for CPU tensors
+    q, k, v = make_qkv(1, 1, 8, 16)
+    from raad_kernels import dispatch
+    assert dispatch.select("auto", q.device) is cpu_backend
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "portable"])
+def test_vector_path_agrees_with_portable(isa):
+    """The start-up self-check (all bit-widths, both P·V modes, maps, masks) on this path."""
+    assert _cpu.self_check(isa) == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization: the kernels' codes and scales are quant.prepare_qk's
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("d,rotate", [(64, None), (40, None), (80, True), (33, False), (128, None)])
+def test_quantized_codes_match_spec(isa, bits, d, rotate):
+    """The kernels' codes and scales (decoded from their packed layout) are quant.prepare_qk's.
+    At 4 and 2 bits the clipping search may pick another multiple where two candidates' errors
+    tie to float rounding (the kernels sum in another order, with FMA): then its error must be
+    as small as the spec's."""
+    q, k, _ = make_qkv(2, 2, 45, d, nk=70, seed=d + bits)
+    qc, qs, kc, ks = _cpu.quantize_qk_debug(q, k, bits, True, rotate, isa)
+    ref = quant.prepare_qk(q, k, bits, smooth=True, rotate_qk=rotate)
+    rot = quant.default_rotate(bits) if rotate is None else rotate
+    xq = quant.rotate(q.float()) if rot else q.float()
+    xk = quant.rotate(quant.smooth_k(k.float())) if rot else quant.smooth_k(k.float())
+    assert qc.shape == ref.q_codes.shape and kc.shape == ref.k_codes.shape
+    for x, got, want, scale, wscale in ((xq, qc, ref.q_codes, qs, ref.q_scale), (xk, kc, ref.k_codes, ks, ref.k_scale)):
+        assert int(got.abs().max()) <= quant.QMAX[bits]
+        if bits == 2:
+            assert bool((got.remainder(2) == 1).all())
+        same = torch.isclose(scale, wscale, rtol=1e-5, atol=0)
+        assert same.float().mean().item() >= 0.9
+        if bits == 8:
+            assert bool(same.all())
+        # same scale: same codes (up to an exact rounding tie)
+        assert (got == want)[same].float().mean().item() >= 0.999
+        # another multiple: no worse than the spec's choice
+        err = lambda c, s: ((c.double() * s.double()[..., None] - x.double()) ** 2).sum(-1)
+        e_got, e_want = err(got, scale), err(want, wscale)
+        assert bool((e_got <= e_want * (1 + 1e-4) + 1e-12).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy: realistic and adversarial inputs, every path, bit-width, P·V mode and dtype
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qk_bits", [8, 4, 2])
+@pytest.mark.parametrize("pv_bits", [8, 16])
+@pytest.mark.parametrize("b,h,nq,nk,d", [(2, 3, 197, 197, 64), (1, 2, 77, 300, 80), (1, 1, 130, 65, 128),
+                                         (2, 1, 33, 129, 32)])
+def test_accuracy_realistic(isa, qk_bits, pv_bits, b, h, nq, nk, d):
+    q, k, v = make_qkv(b, h, nq, d, nk=nk, seed=nq + nk + d)
+    out, _ = run(q, k, v, isa, qk_bits, pv_bits)
+    emu, _ = emulate(q, k, v, qk_bits, pv_bits)
+    ref = attention_reference(q, k, v)[0]
+    check_accuracy(out, emu, ref, qk_bits, what=f"cpu/{isa} int{qk_bits} pv{pv_bits}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qk_bits", [8, 4, 2])
+def test_accuracy_adversarial(isa, qk_bits):
+    for seed in range(2):
+        q, k, v = make_qkv(2, 2, 150, 64, nk=211, seed=seed, adversarial=True)
+        out, _ = run(q, k, v, isa, qk_bits, 8)
+        emu, _ = emulate(q, k, v, qk_bits, 8)
+        ref = attention_reference(q, k, v)[0]
+        check_accuracy(out, emu, ref, qk_bits, what=f"cpu/{isa} adversarial int{qk_bits}", floor=False)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pv_bits", [8, 16])
+def test_half_inputs(isa, dtype, pv_bits):
+    q, k, v = make_qkv(2, 2, 100, 64, nk=150, dtype=dtype, seed=3)
+    out, _ = run(q, k, v, isa, 4, pv_bits)
+    assert out.dtype == dtype
+    emu, _ = emulate(q, k, v, 4, pv_bits)
+    ref = attention_reference(q, k, v)[0]
+    check_accuracy(out, emu, ref, 4, what=f"cpu/{isa} {dtype} pv{pv_bits}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qk_bits", [8, 4, 2])
+@pytest.mark.parametrize("pv_bits", [8, 16])
+def test_maps(isa, qk_bits, pv_bits):
+    # (the input of the CUDA tests: with seed 11, the emulation's own int2 cls row sits below the floor)
+    q, k, v = make_qkv(2, 2, 150, 64, nk=170, seed=3)
+    out, maps = run(q, k, v, isa, qk_bits, pv_bits, maps=MAPS)
+    assert list(maps) == list(MAPS)
+    emu, emaps = emulate(q, k, v, qk_bits, pv_bits, maps=MAPS)
+    ref, rmaps = attention_reference(q, k, v, return_maps=MAPS)
+    check_accuracy(out, emu, ref, qk_bits, what=f"cpu/{isa} maps")
+    check_maps(maps, emaps, rmaps, f"cpu/{isa} int{qk_bits}", qk_bits, floor=True)
+    # the maps are probabilities: rows of cls sum to 1, received sums to 1 over keys
+    torch.testing.assert_close(maps["cls"].sum(-1), torch.ones(2, 2), atol=2e-3, rtol=0)
+    torch.testing.assert_close(maps["received"].sum(-1), torch.ones(2, 2), atol=2e-3, rtol=0)
+    assert (maps["entropy"] >= -1e-4).all() and (maps["entropy"] <= math.log(170) + 1e-3).all()
+    # a subset of the maps, in the order asked
+    _, some = run(q, k, v, isa, qk_bits, pv_bits, maps=("entropy", "cls"))
+    assert list(some) == ["entropy", "cls"]
+    torch.testing.assert_close(some["entropy"], maps["entropy"])
+    torch.testing.assert_close(some["cls"], maps["cls"])
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes (hypothesis), N = 1, non-contiguous inputs, masks
+# --------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), h=st.integers(1, 3), nq=st.integers(1, 600), nk=st.integers(1, 600),
+       d=st.sampled_from([16, 32, 40, 64, 80, 128, 256]), dv=st.sampled_from([None, 24, 72]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       qk_bits=st.sampled_from([8, 4, 2]), pv_bits=st.sampled_from([8, 16]), with_maps=st.booleans(),
+       isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_shapes_hypothesis(b, h, nq, nk, d, dv, dtype, qk_bits, pv_bits, with_maps, isa, seed):
+    if b * h * nq * nk * d > 40_000_000:  # keep the float64 reference quick
+        nq = max(1, nq // 4)
+    q, k, v = make_qkv(b, h, nq, d, nk=nk, dv=dv, dtype=dtype, seed=seed)
+    maps = MAPS if with_maps else ()
+    out, got = run(q, k, v, isa, qk_bits, pv_bits, maps=maps)
+    assert out.shape == (b, h, nq, v.shape[-1]) and out.dtype == dtype
+    emu, emaps = emulate(q, k, v, qk_bits, pv_bits, maps=maps)
+    ref, rmaps = attention_reference(q, k, v, return_maps=maps)
+    check_accuracy(out, emu, ref, qk_bits, what=f"cpu/{isa}", floor=False)
+    if with_maps:
+        check_maps(got, emaps, rmaps, f"cpu/{isa}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("nq,nk", [(1, 1), (1, 50), (50, 1), (2, 3)])
+def test_tiny(isa, nq, nk):
+    q, k, v = make_qkv(2, 2, nq, 64, nk=nk, seed=nq * 7 + nk)
+    for bits in (8, 4, 2):
+        out, maps = run(q, k, v, isa, bits, 8, maps=MAPS)
+        emu, emaps = emulate(q, k, v, bits, 8, maps=MAPS)
+        ref, rmaps = attention_reference(q, k, v, return_maps=MAPS)
+        check_accuracy(out, emu, ref, bits, what=f"cpu/{isa} {nq}x{nk}", floor=False)
+        check_maps(maps, emaps, rmaps, f"cpu/{isa} {nq}x{nk}")
+        if nk == 1:  # one key: the output is v (within 8-bit V), the attention is 1, entropy 0
+            torch.testing.assert_close(maps["cls"], torch.ones_like(maps["cls"]))
+            assert maps["entropy"].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_contiguous_inputs_are_read_in_place(isa):
+    """Strided views (transposed heads, every other channel, a sliced batch) give exactly the
+    result of their contiguous copies: the kernels read strides directly, nothing is copied."""
+    base_q, base_k, base_v = make_qkv(3, 4, 90, 128, nk=110, seed=5)
+    q = base_q.transpose(1, 2).contiguous().transpose(1, 2)[::2, :, :, ::2]  # (2, 4, 90, 64), strided
+    k = base_k[::2, :, :, 1::2]
+    v = base_v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)[::2, :, :, :48]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    for bits, pvb in ((8, 8), (4, 16), (2, 8)):
+        a, am = run(q, k, v, isa, bits, pvb, maps=MAPS)
+        b_, bm = run(q.contiguous(), k.contiguous(), v.contiguous(), isa, bits, pvb, maps=MAPS)
+        assert torch.equal(a, b_)
+        for n in MAPS:
+            assert torch.equal(am[n], bm[n])
+    # broadcast (stride-0) views are fine too
+    q1, k1, v1 = make_qkv(1, 1, 40, 32, nk=60, seed=1)
+    qe, ke, ve = q1.expand(2, 3, 40, 32), k1.expand(2, 3, 60, 32), v1.expand(2, 3, 60, 32)
+    a, _ = run(qe, ke, ve, isa, 4, 8)
+    b_, _ = run(qe.contiguous(), ke.contiguous(), ve.contiguous(), isa, 4, 8)
+    assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["bool", "float", "half", "broadcast_keys", "broadcast_2d"])
+def test_masks(isa, kind):
+    b, h, nq, nk = 2, 2, 70, 90
+    q, k, v = make_qkv(b, h, nq, 64, nk=nk, seed=17)
+    g = torch.Generator().manual_seed(0)
+    if kind == "bool":
+        mask = torch.rand(b, h, nq, nk, generator=g) > 0.3
+        mask[0, 1, 5] = False  # a fully masked row comes out as zeros
+    elif kind == "float":
+        mask = torch.randn(b, 1, nq, nk, generator=g) * 2.0
+        mask[:, :, :, -7:] = -math.inf
+    elif kind == "half":
+        mask = (torch.randn(1, h, 1, nk, generator=g) * 3.0).to(torch.float16)
+    elif kind == "broadcast_keys":
+        mask = torch.arange(nk) < 50  # (Nk,)
+    else:
+        mask = torch.rand(nq, nk, generator=g) > 0.5  # (Nq, Nk)
+    for bits in (8, 2):
+        out, maps = run(q, k, v, isa, bits, 8, maps=MAPS, mask=mask)
+        emu, emaps = emulate(q, k, v, bits, 8, maps=MAPS, mask=mask)
+        ref, rmaps = attention_reference(q, k, v, attn_mask=mask, return_maps=MAPS)
+        check_accuracy(out, emu, ref, bits, what=f"cpu/{isa} mask {kind}", floor=False)
+        check_maps(maps, emaps, rmaps, f"cpu/{isa} mask {kind}")
+        if kind == "bool":
+            assert torch.equal(out[0, 1, 5], torch.zeros_like(out[0, 1, 5]))
+            assert maps["entropy"][0, 1, 5] == 0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fully_masked_everything(isa):
+    q, k, v = make_qkv(1, 2, 20, 32, nk=30)
+    mask = torch.zeros(1, 2, 20, 30, dtype=torch.bool)
+    out, maps = run(q, k, v, isa, 8, 8, maps=MAPS, mask=mask)
+    assert torch.equal(out, torch.zeros_like(out))
+    for n in MAPS:
+        assert torch.equal(maps[n], torch.zeros_like(maps[n]))
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism, threads, the env var, the API
+# --------------------------------------------------------------------------------------------
+
+def test_deterministic_and_thread_count_independent():
+    q, k, v = make_qkv(2, 3, 300, 64, nk=260, seed=2)
+    a, am = run(q, k, v, None, 4, 8, maps=MAPS)
+    b_, bm = run(q, k, v, None, 4, 8, maps=MAPS)
+    assert torch.equal(a, b_) and all(torch.equal(am[n], bm[n]) for n in MAPS)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c, cm = run(q, k, v, None, 4, 8, maps=MAPS)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, c)  # every row is computed the same way whatever the thread count
+    assert torch.equal(am["cls"], cm["cls"]) and torch.equal(am["entropy"], cm["entropy"])
+    torch.testing.assert_close(am["received"], cm["received"], rtol=1e-5, atol=1e-7)  # summation order
+
+
+def test_env_var_forces_portable_path():
+    code = textwrap.dedent("""
+        import torch, raad_kernels as rk
+        from raad_kernels import _cpu
+        from raad_kernels.testing import make_qkv
+        assert _cpu.capabilities()["active_isa"] == "portable", _cpu.capabilities()
+        assert _cpu.capabilities()["kernel_isa"] == "portable"
+        q, k, v = make_qkv(1, 2, 50, 64)
+        out = rk.quant_attention(q, k, v, qk_bits=4, backend="cpu")
+        print("ok", bool(torch.isfinite(out).all()))
+    """)
+    env = dict(os.environ, RAAD_CPU_ISA="portable")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ok True" in r.stdout
+
+
+def test_through_the_public_api():
+    q, k, v = make_qkv(2, 2, 64, 64, nk=80)
+    out, maps = rk.quant_attention(q, k, v, qk_bits=4, pv_bits=8, backend="cpu", return_maps=True)
+    emu, emaps = rk.quant_attention(q, k, v, qk_bits=4, pv_bits=8, backend="torch", return_maps=True)
+    ref, rmaps = attention_reference(q, k, v, return_maps=MAPS)
+    check_accuracy(out, emu, ref, 4, what="api cpu")
+    check_maps(maps, emaps, rmaps, "api cpu", 4, floor=True)
+    out2 = rk.quant_attention(q, k, v, backend="auto", scale=0.2, smooth_k=False, rotate=True)
+    emu2 = rk.quant_attention(q, k, v, backend="torch", scale=0.2, smooth_k=False, rotate=True)
+    ref2 = attention_reference(q, k, v, scale=0.2)[0]
+    check_accuracy(out2, emu2, ref2, 8, what="api auto")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: B=1, H=6, N=16384 with all maps within 1 GiB of extra memory (never N×N)
+# --------------------------------------------------------------------------------------------
+
+def test_memory_long_sequence_with_maps():
+    code = textwrap.dedent("""
+        import torch, resource
+        from raad_kernels import _cpu
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 6, 16384, 64, generator=g) for _ in range(3))
+        _cpu.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], 8, 8, None, None, True, None,
+                       ["cls", "received", "entropy"], None, None)  # load everything once
+        before = hwm()
+        out, maps = _cpu.attention(q, k, v, 8, 8, None, None, True, None, ["cls", "received", "entropy"], None, None)
+        extra = hwm() - before
+        assert torch.isfinite(out).all() and all(torch.isfinite(m).all() for m in maps.values())
+        print("EXTRA", extra)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    extra = int(r.stdout.split("EXTRA")[1])
+    # inputs (3 × 24 MiB) exist before; the output (24 MiB), maps and the kernel's buffers count
+    assert extra < 1 << 30, f"extra peak memory {extra / 2**20:.0f} MiB"
+    assert extra < 256 << 20, f"extra peak memory {extra / 2**20:.0f} MiB (expected O(B·H·N), ~100 MiB)"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: errors name the argument
+# --------------------------------------------------------------------------------------------
+
+def test_errors_from_the_extension():
+    q, k, v = make_qkv(1, 2, 10, 16)
+    call = _cpu.attention
+    with pytest.raises(ValueError, match="qk_bits"):
+        call(q, k, v, 3)
+    with pytest.raises(ValueError, match="pv_bits"):
+        call(q, k, v, 8, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        call(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="share a dtype"):
+        call(q, k.half(), v)
+    with pytest.raises(ValueError, match="4-D"):
+        call(q[0], k, v)
+    with pytest.raises(ValueError, match="head dim"):
+        call(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        call(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="batch and head"):
+        call(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="N >= 1"):
+        call(q[:, :, :0], k, v)
+    with pytest.raises(ValueError, match="scale"):
+        call(q, k, v, 8, 8, -1.0)
+    with pytest.raises(ValueError, match="attn_mask"):
+        call(q, k, v, attn_mask=torch.ones(3, 10, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask"):
+        call(q, k, v, attn_mask=torch.ones(10, 10, dtype=torch.int32))
+    with pytest.raises(ValueError, match="return_maps"):
+        call(q, k, v, return_maps=["attention"])
+    with pytest.raises(ValueError, match="twice"):
+        call(q, k, v, return_maps=["cls", "cls"])
+    with pytest.raises(ValueError, match="out"):
+        call(q, k, v, out=torch.empty(1, 2, 10, 8))
+    with pytest.raises(TypeError, match="out"):
+        call(q, k, v, out=torch.empty(1, 2, 10, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        call(q, k, v, out=torch.empty(1, 2, 16, 10).transpose(-1, -2))
+    with pytest.raises(ValueError, match="isa"):
+        call(q, k, v, isa="sse9")
+    if CAPS["best_isa"] not in ("avx512", "amx"):
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            call(q, k, v, isa="avx512")
+
+
+def test_errors_from_the_api():
+    q, k, v = make_qkv(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="qk_bits"):
+        rk.quant_attention(q, k, v, qk_bits=3, backend="cpu")
+    with pytest.raises(TypeError, match="dtype"):
+        rk.quant_attention(q.int(), k.int(), v.int(), backend="cpu")
+    with pytest.raises(ValueError, match="attn_mask"):
+        rk.quant_attention(q, k, v, attn_mask=torch.ones(3, 10, dtype=torch.bool), backend="cpu")
+    with pytest.raises(ValueError, match="return_maps"):
+        rk.quant_attention(q, k, v, return_maps=("nope",), backend="cpu")
