@@ -81,7 +81,7 @@ def write_overlays(out: Path, items, maps, masks, show=True):
         path = out / "overlays" / it.key.replace("/", "__").rsplit(".", 1)[0]
         path = path.with_suffix(".png")
         viz.save_overlay(path, D.open_rgb(it.path), m, mk if it.label else None, vmin=vmin, vmax=vmax)
-        entries.append(viz.ReportEntry(path, it.key, float(m.max()), it.label))
+        entries.append(viz.ReportEntry(path, it.key, float(m.max()), it.defect))
     viz.write_report(out, entries, title=f"RAAD anomaly maps: {items[0].path.parents[2].name if items else ''}")
 
 
