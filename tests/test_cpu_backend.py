@@ -306,9 +306,10 @@ def test_deterministic_and_thread_count_independent():
         c, cm = run(q, k, v, None, 4, 8, maps=MAPS)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(a, c)  # every row is computed the same way whatever the thread count
-    assert torch.equal(am["cls"], cm["cls"]) and torch.equal(am["entropy"], cm["entropy"])
-    torch.testing.assert_close(am["received"], cm["received"], rtol=1e-5, atol=1e-7)  # summation order
+    # every row is computed the same way whatever the thread count, and the received partials are
+    # summed in a fixed order (64 slots of consecutive query tiles up to 16 threads)
+    assert torch.equal(a, c)
+    assert all(torch.equal(am[n], cm[n]) for n in MAPS)
 
 
 def test_env_var_forces_portable_path():

@@ -145,10 +145,12 @@ void run(const AttentionArgs& a, const Kernels& K) {
   const Plan p = make_plan(a, K);
   const int T = std::max(1, a.num_threads);
 
-  // Static share of the query tiles: slot s runs items [s·n/S, (s+1)·n/S) in order, so the
-  // received partials are summed in a fixed order (deterministic for a given thread count).
+  // The query tiles are cut into S slots of consecutive tiles; threads take slots dynamically
+  // (load balance, also on a shared machine), and each slot runs its tiles in order into its own
+  // `received` partials, summed in slot order at the end: the result does not depend on which
+  // thread ran what, nor on the thread count as long as S does not (S = 64 up to 16 threads).
   const int64_t items = p.BH * p.ntiles;
-  const int64_t S = std::min<int64_t>(T, items);
+  const int64_t S = std::min<int64_t>(items, std::max<int64_t>(64, 4 * int64_t(T)));
   std::vector<int64_t> lo(S), hi(S), bh0(S), roff(S + 1, 0);
   for (int64_t s = 0; s < S; ++s) {
     lo[s] = items * s / S;
@@ -189,12 +191,12 @@ void run(const AttentionArgs& a, const Kernels& K) {
   w.recv_bh0 = bh0.data();
 
   const int64_t nprep = p.BH * p.nkb;
+  // RAAD_CPU_PROFILE=1 prints the wall time of the three phases to stderr (a development aid).
   static const bool prof = std::getenv("RAAD_CPU_PROFILE") != nullptr;
   double t0 = omp_get_wtime(), t1 = 0, t2 = 0;
 #pragma omp parallel num_threads(T)
   {
     const int tid = omp_get_thread_num();
-    const int nt = omp_get_num_threads();
     uint8_t* scr = scratch + size_t(tid) * p.scratch_bytes;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < p.BH; ++bh) K.stats(a, p, w, bh, scr);
@@ -202,7 +204,8 @@ void run(const AttentionArgs& a, const Kernels& K) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nprep; ++it) K.prep(a, p, w, it / p.nkb, it % p.nkb, scr);
     if (prof && tid == 0) t2 = omp_get_wtime();
-    for (int64_t s = tid; s < S; s += nt)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < S; ++s)
       for (int64_t it = lo[s]; it < hi[s]; ++it) K.tile(a, p, w, it / p.ntiles, it % p.ntiles, s, scr);
   }
   if (prof)

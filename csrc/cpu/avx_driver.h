@@ -38,9 +38,13 @@ inline float hsum8(__m256 v) {
 
 // 2^x for x <= 0 (x = -inf → 0; NaN propagates). Round-to-nearest split, degree-5 polynomial on
 // [-1/2, 1/2] (relative error 2e-7); 2^n built in the exponent bits, which are 0 for n = -127.
+// The split uses the 1.5·2^23 trick (adds, and n read from the low mantissa bits) rather than
+// vroundps + vcvtps2dq, which share one pipe with the P rounding on Zen-class cores.
 inline __m256 exp2_ps(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23: x + magic has n in its low bits
+  const __m256 t = _mm256_add_ps(x, magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
   const __m256 f = _mm256_sub_ps(x, n);
   __m256 y = _mm256_set1_ps(0.0013216948f);
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.0096667539f));
@@ -48,7 +52,7 @@ inline __m256 exp2_ps(__m256 x) {
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.2402231842f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931469440f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
@@ -84,7 +88,8 @@ inline int softmax_row(const float* S, int n32, float bm, float& m, float& l, fl
     }
     return -1;
   }
-  const float alpha = __builtin_exp2f(m - mnew);
+  // m − mnew ≤ 0 (−inf on the first block with a finite score: α = 0)
+  const float alpha = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(m - mnew)));
   if constexpr (ENT) {
     if (l > 0.f) t = alpha * (t + l * (m - mnew));
   }
@@ -93,27 +98,35 @@ inline int softmax_row(const float* S, int n32, float bm, float& m, float& l, fl
   const __m256 floor_d = _mm256_set1_ps(-150.f);
   __m256 lsum = _mm256_setzero_ps(), tsum = _mm256_setzero_ps();
   uint64_t nz = 0;
-  for (int j = 0; j < n32; j += 32) {
-    __m256 p[4];
-    for (int u = 0; u < 4; ++u) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(S + j + 8 * u), vm);
-      p[u] = exp2_ps(d);
-      lsum = _mm256_add_ps(lsum, p[u]);
-      if constexpr (ENT) tsum = _mm256_fmadd_ps(p[u], _mm256_max_ps(d, floor_d), tsum);
+  if constexpr (PV != 0) {
+    // one vector at a time: few live registers (the exp constants stay in registers)
+    for (int j = 0; j < n32; j += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(S + j), vm);
+      const __m256 p = exp2_ps(d);
+      lsum = _mm256_add_ps(lsum, p);
+      if constexpr (ENT) tsum = _mm256_fmadd_ps(p, _mm256_max_ps(d, floor_d), tsum);
       if constexpr (CACHE)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(cache + j + 8 * u),
-                         _mm256_cvtps_ph(p[u], _MM_FROUND_TO_NEAREST_INT));
-      if constexpr (PV != 0) {
-        __m256 q;
-        if constexpr (PV == 3)
-          q = _mm256_round_ps(_mm256_mul_ps(p[u], k255), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        else
-          q = round16_ps<PV>(p[u]);
-        _mm256_storeu_ps(Pv + j + 8 * u, q);
-        nz |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_NEQ_OQ))) << (j + 8 * u);
-      }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cache + j), _mm256_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT));
+      __m256 q;
+      if constexpr (PV == 3)  // round(255 p), half to even (255 p < 2^22: the 1.5·2^23 trick is exact)
+        q = _mm256_sub_ps(_mm256_fmadd_ps(p, k255, _mm256_set1_ps(12582912.f)), _mm256_set1_ps(12582912.f));
+      else
+        q = round16_ps<PV>(p);
+      _mm256_storeu_ps(Pv + j, q);
+      nz |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_NEQ_OQ))) << j;
     }
-    if constexpr (PV == 0) {
+  } else {
+    for (int j = 0; j < n32; j += 32) {
+      __m256 p[4];
+      for (int u = 0; u < 4; ++u) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(S + j + 8 * u), vm);
+        p[u] = exp2_ps(d);
+        lsum = _mm256_add_ps(lsum, p[u]);
+        if constexpr (ENT) tsum = _mm256_fmadd_ps(p[u], _mm256_max_ps(d, floor_d), tsum);
+        if constexpr (CACHE)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(cache + j + 8 * u),
+                           _mm256_cvtps_ph(p[u], _MM_FROUND_TO_NEAREST_INT));
+      }
       const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(p[0], k255));  // round half to even
       const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(p[1], k255));
       const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(p[2], k255));
@@ -300,7 +313,7 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
     const int nv = int(min64_(kKeyBlock, p.Nk - j0));
     for (int r = 0; r < nr; ++r) {
       const float st = stamp[int64_t(r) * p.nkb + kb];
-      f[r] = (L[r] > 0.f && st != -inf_()) ? __builtin_exp2f(st - M[r]) / L[r] : 0.f;
+      f[r] = (L[r] > 0.f && st != -inf_()) ? _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(st - M[r]))) / L[r] : 0.f;
     }
     const uint16_t* c0 = cache + j0;
     if (rec) {
