@@ -7,8 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from .io import atomic_path, atomic_write_text
 
 RUN_FORMAT = "raad-run"

@@ -41,7 +41,7 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
     print()
     print(table)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {out / 'REPORT.md'}")
-    report = [f"# RAAD demo\n", table, "",
+    report = ["# RAAD demo\n", table, "",
               "Plans (Q·Kᵀ bits per student attention layer, from HQS):", ""]
     for c in cats:
         plan = json.loads((out / "run" / c / "plan.json").read_text())

@@ -20,15 +20,11 @@ Design (after EfficientAD, with a ViT student):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass
 class ModelConfig:
@@ -231,8 +227,6 @@ class Detector(nn.Module):
         patch = 4 if cfg.teacher.startswith("timm:") else 1
         self.student = Student(cfg, self.teacher.stem_channels, c_t, patch)
         self.ae = AutoEncoder(self.teacher.stem_channels, c_t, grid, cfg.ae_code) if cfg.use_ae else None
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.register_buffer("t_mean", torch.zeros(1, c_t, 1, 1))
         self.register_buffer("t_std", torch.ones(1, c_t, 1, 1))
         # quantile normalisation of the two maps: (q_a, q_b) per branch, set on held-out normals

@@ -3,7 +3,6 @@ against the same model with float attention."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
