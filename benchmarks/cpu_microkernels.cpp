@@ -32,15 +32,23 @@ int main() {
   }
   for (auto& x : ks) x = 1e-3f;
   for (auto& x : rs) x = 1.f;
-  for (int bits : {8, 4, 2}) {
-    p.bits = bits;
+  p.dp = 64;
+  p.qrow = 64;
+  for (int bits : {8, 4, 2, -2}) {  // -2: int2 on bit planes (popcnt)
+    p.bits = bits < 0 ? 2 : bits;
+    p.kplanes = bits < 0;
+    p.plane_words = 1;
+    p.qrow = bits < 0 ? 16 : 64;
     const long reps = 400000;
     const double t0 = cpu_now();
-    for (long r = 0; r < reps; ++r) Avx2::qk(p, q + (r & 7) * 4 * 64, qa + (r & 7) * 4 * 64, rs, qsum, K, 64, ks, S, bmax);
+    for (long r = 0; r < reps; ++r)
+      Avx2::qk(p, q + (r & 7) * 4 * p.qrow, qa + (r & 7) * 4 * 64, rs, qsum, K, 64, ks, S, bmax);
     const double dt = cpu_now() - t0;
-    std::printf("| Q·Kᵀ int%d micro-kernel (4 rows × 64 keys × 64 channels) | %.1f GMAC/s |\n", bits,
-                double(reps) * 4 * 64 * 64 / dt / 1e9);
+    std::printf("| Q·Kᵀ int%d%s micro-kernel (4 rows × 64 keys × 64 channels) | %.1f GMAC/s, %.2f ns per pair |\n",
+                p.bits, bits < 0 ? " bit-plane" : "", double(reps) * 4 * 64 * 64 / dt / 1e9,
+                dt / (double(reps) * 4 * 64) * 1e9);
   }
+  p.kplanes = false;
   // P·V over the nonzero keys of a 64-key block, 64 channels (fp32 FMA)
   alignas(64) static float V[64 * 64], o[64], P[64];
   for (int i = 0; i < 64 * 64; ++i) V[i] = float(i % 37 - 18);
@@ -74,6 +82,33 @@ int main() {
     std::printf("| online softmax + 8-bit P + nonzero mask | %.2f ns per query-key pair |\n",
                 dt / (double(reps) * 64) * 1e9);
     if (acc == 12345 && l == 1.f) std::printf("%f\n", o[0]);  // keep the results alive
+  }
+  // per-row quantization (rotation + scale search + codes) of a 64-channel row, as prep and the
+  // Q tiles do it: ns per row (the kernel's per-row overhead, significant at N = 257)
+  {
+    alignas(64) static float X[64 * 64], row[128];
+    alignas(64) static int8_t codes[256];
+    for (int i = 0; i < 64 * 64; ++i) X[i] = float((i * 7919) % 2000 - 1000) / 300.f;
+    View4 t;
+    t.data = X;
+    t.dtype = DType::F32;
+    t.stride[2] = 64;
+    t.stride[3] = 1;
+    for (int bits : {8, 4, 2}) {
+      Plan pq{};
+      pq.D = pq.Dv = 64;
+      pq.dp = pq.dpad = 64;
+      pq.bits = bits;
+      pq.rotate = bits < 8;
+      const long reps = 400000;
+      float acc = 0;
+      const double t0 = cpu_now();
+      for (long r = 0; r < reps; ++r) acc += prepare_qk_row(t, pq, 0, 0, r & 63, nullptr, row, codes);
+      const double dt = cpu_now() - t0;
+      std::printf("| quantize one 64-channel row at %d bits (%s) | %.0f ns per row |%s\n", bits,
+                  bits < 8 ? "Hadamard, 9-candidate clipping search" : "absmax", dt / double(reps) * 1e9,
+                  acc == 1.f ? " " : "");
+    }
   }
   return 0;
 }

@@ -12,6 +12,11 @@ The ratio table (the README's; one command, prints markdown):
     .venv/bin/python -m benchmarks.test_bench_cpu            # or: python benchmarks/test_bench_cpu.py
     .venv/bin/python -m benchmarks.test_bench_cpu --rounds 15 --threads 2 --logit-std 1.0
 
+The per-bit-width table (RAAD student shapes; each qk_bits at pv_bits=8 through the public API
+against SDPA fp32, all timed round-robin in one loop):
+
+    .venv/bin/python -m benchmarks.test_bench_cpu --qk-sweep --rounds 15
+
 Targets (issue 3; geometric means over the four shapes): int8 >= 2.5× SDPA fp32, int8 >= 1.2×
 SDPA bf16, the three maps add <= 15 % to the plain call, int4 and int2 at most 10 % slower than
 int8. benchmarks/CPU_NOTES.md gives this CPU's ceilings, which bound what is reachable.
@@ -156,16 +161,59 @@ def test_cpu_attention_speed(benchmark, shape, name):
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
 
 
+#: RAAD student shapes (B, H, N, D) of the per-bit-width sweep.
+SWEEP_SHAPES = [(8, 2, 1025, 64), (8, 2, 257, 64), (8, 2, 1025, 32)]
+
+
+def qk_sweep(rounds=15, shapes=SWEEP_SHAPES, logit_std=3.0, warmup=2, out=print):
+    """SDPA fp32 time / kernel time for qk_bits 8, 4, 2 at pv_bits 8 (``rk.quant_attention``,
+    backend "cpu"), timed round-robin in one loop on two alternated input sets; medians."""
+    import raad_kernels as rk
+    caps = _cpu().capabilities()
+    out(f"qk sweep vs SDPA fp32 — kernels: {caps['kernel_isa']}, {torch.get_num_threads()} threads, "
+        f"median of {rounds} runs, make_qkv(logit_std={logit_std})\n")
+    out("| B×H×N×D | SDPA fp32 ms | int8/pv8 | int4/pv8 | int2/pv8 |")
+    out("|---|---|---|---|---|")
+    res = {}
+    for shape in shapes:
+        inputs = make_inputs(shape, logit_std=logit_std)
+        fns = {"sdpa": lambda i: F.scaled_dot_product_attention(*inputs[i])}
+        for bits in (8, 4, 2):
+            fns[bits] = (lambda b: lambda i: rk.quant_attention(*inputs[i], qk_bits=b, pv_bits=8, backend="cpu"))(bits)
+        for _ in range(warmup):
+            for f in fns.values():
+                f(0)
+                f(1)
+        times = {k: [] for k in fns}
+        for r in range(rounds):
+            for name, f in fns.items():
+                t0 = time.perf_counter()
+                f(r % 2)
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        res[shape] = {b: med["sdpa"] / med[b] for b in (8, 4, 2)}
+        b, h, n, d = shape
+        out(f"| {b}×{h}×{n}×{d} | {med['sdpa'] * 1e3:.1f} | " +
+            " | ".join(f"**{res[shape][bits]:.2f}×** ({med[bits] * 1e3:.1f} ms)" for bits in (8, 4, 2)) + " |")
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     ap.add_argument("--logit-std", type=float, default=3.0,
                     help="softmax temperature of the inputs (3: realistic ViT; 1: flat attention)")
-    ap.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
+    ap.add_argument("--shapes", default=None, help="indices into SHAPES (or SWEEP_SHAPES), e.g. 0,1")
+    ap.add_argument("--qk-sweep", action="store_true",
+                    help="qk_bits 8/4/2 at pv_bits 8 vs SDPA fp32 on the RAAD student shapes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.qk_sweep:
+        shapes = SWEEP_SHAPES if args.shapes is None else [SWEEP_SHAPES[int(i)] for i in args.shapes.split(",")]
+        qk_sweep(rounds=args.rounds, shapes=shapes, logit_std=args.logit_std)
+        return
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
     ratio_table(rounds=args.rounds, shapes=shapes, logit_std=args.logit_std)
 
