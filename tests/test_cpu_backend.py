@@ -128,6 +128,58 @@ def test_quantized_codes_match_spec(isa, bits, d, rotate):
 
 
 # --------------------------------------------------------------------------------------------
+# int2 on bit planes (AVX2, scalar popcnt): the same integer scores as the packed form
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("d,rotate", [(16, None), (32, None), (64, None), (128, None), (80, None), (40, False),
+                                      (80, False), (200, False)])
+def test_int2_bit_planes_codes_match_spec(monkeypatch, d, rotate):
+    """With the bit-plane layout forced, the K codes decoded from the planes and the scales are
+    quant.prepare_qk's (the packed layout's test above, on the planes)."""
+    monkeypatch.setenv("RAAD_CPU_INT2", "planes")
+    q, k, _ = make_qkv(2, 2, 45, d, nk=70, seed=d)
+    qc, qs, kc, ks = _cpu.quantize_qk_debug(q, k, 2, True, rotate, "avx2")
+    ref = quant.prepare_qk(q, k, 2, smooth=True, rotate_qk=rotate)
+    assert kc.shape == ref.k_codes.shape
+    assert bool((kc.remainder(2) == 1).all()) and int(kc.abs().max()) <= 3
+    same = torch.isclose(ks, ref.k_scale, rtol=1e-5, atol=0)
+    assert same.float().mean().item() >= 0.9
+    assert (kc == ref.k_codes)[same].float().mean().item() >= 0.999
+    monkeypatch.setenv("RAAD_CPU_INT2", "packed")
+    qc2, qs2, kc2, ks2 = _cpu.quantize_qk_debug(q, k, 2, True, rotate, "avx2")
+    assert torch.equal(kc, kc2) and torch.equal(ks, ks2) and torch.equal(qc, qc2)
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("b,h,nq,nk,d,rotate", [(2, 2, 70, 90, 16, None), (1, 2, 33, 65, 32, None),
+                                                (2, 1, 97, 130, 64, None), (1, 1, 40, 129, 128, None),
+                                                (1, 2, 50, 77, 80, None), (1, 1, 1, 1, 64, None),
+                                                (1, 2, 1, 50, 64, None), (1, 1, 50, 1, 80, None),
+                                                (1, 2, 37, 61, 40, False), (1, 1, 30, 45, 200, False)])
+def test_int2_bit_planes_bit_identical_to_packed(monkeypatch, b, h, nq, nk, d, rotate):
+    """popcount on bit planes gives exactly the int32 scores of the vpmaddubsw form, so outputs and
+    maps are bit for bit those of the packed int2 path (itself checked against the spec above);
+    ragged key blocks, N = 1, padded head dims (80 → 128 with rotation, 40/200 without)."""
+    q, k, v = make_qkv(b, h, nq, d, nk=nk, seed=nq * 3 + nk + d)
+    kw = {} if rotate is None else {"rotate": rotate}
+    res = {}
+    for mode in ("planes", "packed"):
+        monkeypatch.setenv("RAAD_CPU_INT2", mode)
+        for pvb in (8, 16):
+            res[mode, pvb] = run(q, k, v, "avx2", 2, pvb, maps=MAPS, **kw)
+    for pvb in (8, 16):
+        (a, am), (c, cm) = res["planes", pvb], res["packed", pvb]
+        assert not a.isnan().any()
+        assert torch.equal(a, c), f"pv{pvb}: max diff {(a - c).abs().max().item()}"
+        for n in MAPS:
+            assert torch.equal(am[n], cm[n]), n
+    emu, _ = emulate(q, k, v, 2, 8, **kw)
+    ref = attention_reference(q, k, v)[0]
+    check_accuracy(res["planes", 8][0], emu, ref, 2, what="cpu/avx2 int2 planes", floor=False)
+
+
+# --------------------------------------------------------------------------------------------
 # Accuracy: realistic and adversarial inputs, every path, bit-width, P·V mode and dtype
 # --------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -40,6 +41,18 @@ const Kernels& kernels_for(CpuIsa isa) {
   }
 }
 
+// int2 Q·Kᵀ on bit planes where the kernels can, scalar popcnt is fast (AMD Zen) and the head
+// dim is at least 64 (at dpad <= 32 the packed vpmaddubsw form measured faster here), unless
+// RAAD_CPU_INT2=packed; RAAD_CPU_INT2=planes forces them at any head dim on any CPU with popcnt
+// whose kernels have them (tests). Read per call.
+bool want_int2_planes(const Kernels& K, int dpad) {
+  if (!K.int2_planes || dpad > 2048 || !raad::cpu_features().popcnt) return false;
+  const char* env = std::getenv("RAAD_CPU_INT2");
+  if (env && std::strcmp(env, "packed") == 0) return false;
+  if (env && std::strcmp(env, "planes") == 0) return true;
+  return raad::cpu_features().fast_popcnt && dpad >= 64;
+}
+
 Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   Plan p{};
   p.B = a.B; p.H = a.H; p.BH = a.B * a.H; p.Nq = a.Nq; p.Nk = a.Nk; p.D = a.D; p.Dv = a.Dv;
@@ -58,7 +71,10 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.nkp = round_up(a.Nk, K.kchunk);
   p.nkb = ceil_div(a.Nk, kKeyBlock);
   p.ntiles = ceil_div(a.Nq, kQueryTile);
-  p.kq_stride = round_up(p.nkp * p.dpad * p.bits / 8, 64);
+  p.kplanes = p.bits == 2 && want_int2_planes(K, p.dpad);
+  p.plane_words = p.dpad <= 32 ? 0 : int(ceil_div(p.dpad, 64));
+  p.qrow = p.kplanes ? 16 * std::max(1, p.plane_words) : p.dpad;
+  p.kq_stride = round_up(p.kplanes ? p.nkp * plane_bytes(p) : p.nkp * p.dpad * p.bits / 8, 64);
   p.v_stride = round_up(p.nkp * p.dvp, 64);
   p.cache_row = p.nkb * kKeyBlock;
 
@@ -70,7 +86,7 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   };
   const size_t QT = kQueryTile;
   const int64_t dmax = std::max<int64_t>({int64_t(p.dp), a.D, a.Dv});
-  p.off_qc = take(QT * p.dpad);
+  p.off_qc = take(QT * std::max(p.dpad, p.qrow));
   p.off_qa = take(QT * p.dpad);
   p.off_rs = take(QT * 4);
   p.off_qsum = take(QT * 4);
@@ -191,26 +207,54 @@ void run(const AttentionArgs& a, const Kernels& K) {
   w.recv_bh0 = bh0.data();
 
   const int64_t nprep = p.BH * p.nkb;
-  // RAAD_CPU_PROFILE=1 prints the wall time of the three phases to stderr (a development aid).
+  // One work list, handed out in order (an atomic counter): the statistics of every (b, h), then the
+  // K/V quantization of every key block, then the query-tile slots. An item waits only for items
+  // handed out before it (its (b, h)'s statistics, resp. all of its key blocks), which threads
+  // are already running, so it cannot deadlock; and there is no barrier between the phases: on
+  // a shared machine a barrier costs a whole scheduler time slice whenever one thread is
+  // descheduled (measured: 4-8 ms per phase with 2 threads on a loaded 2-vCPU machine).
+  std::unique_ptr<std::atomic<int>[]> stats_done(new std::atomic<int>[size_t(p.BH)]);
+  std::unique_ptr<std::atomic<int>[]> prep_done(new std::atomic<int>[size_t(p.BH)]);
+  for (int64_t bh = 0; bh < p.BH; ++bh) {
+    stats_done[bh].store(0, std::memory_order_relaxed);
+    prep_done[bh].store(0, std::memory_order_relaxed);
+  }
+  auto wait_for = [](const std::atomic<int>& flag, int value) {
+    while (flag.load(std::memory_order_acquire) < value) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  };
+  const int64_t nitems = p.BH + nprep + S;
+  // RAAD_CPU_PROFILE=1 prints the wall time of the call to stderr (a development aid).
   static const bool prof = std::getenv("RAAD_CPU_PROFILE") != nullptr;
-  double t0 = omp_get_wtime(), t1 = 0, t2 = 0;
+  const double t0 = omp_get_wtime();
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(T)
   {
     const int tid = omp_get_thread_num();
     uint8_t* scr = scratch + size_t(tid) * p.scratch_bytes;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < p.BH; ++bh) K.stats(a, p, w, bh, scr);
-    if (prof && tid == 0) t1 = omp_get_wtime();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < nprep; ++it) K.prep(a, p, w, it / p.nkb, it % p.nkb, scr);
-    if (prof && tid == 0) t2 = omp_get_wtime();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t it = lo[s]; it < hi[s]; ++it) K.tile(a, p, w, it / p.ntiles, it % p.ntiles, s, scr);
+    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < nitems;) {
+      if (item < p.BH) {
+        K.stats(a, p, w, item, scr);
+        stats_done[item].store(1, std::memory_order_release);
+      } else if (item < p.BH + nprep) {
+        const int64_t it = item - p.BH, bh = it / p.nkb;
+        wait_for(stats_done[bh], 1);
+        K.prep(a, p, w, bh, it % p.nkb, scr);
+        prep_done[bh].fetch_add(1, std::memory_order_acq_rel);
+      } else {
+        const int64_t s = item - p.BH - nprep;
+        for (int64_t it = lo[s]; it < hi[s]; ++it) {
+          const int64_t bh = it / p.ntiles;
+          wait_for(prep_done[bh], int(p.nkb));
+          K.tile(a, p, w, bh, it % p.ntiles, s, scr);
+        }
+      }
+    }
   }
-  if (prof)
-    std::fprintf(stderr, "raad cpu [%s]: stats %.3f ms, prep %.3f ms, tiles %.3f ms\n", K.name, (t1 - t0) * 1e3,
-                 (t2 - t1) * 1e3, (omp_get_wtime() - t2) * 1e3);
+  if (prof) std::fprintf(stderr, "raad cpu [%s]: %.3f ms\n", K.name, (omp_get_wtime() - t0) * 1e3);
 
   if (p.want_recv) {
     const double inv = 1.0 / double(p.Nq);

@@ -224,6 +224,69 @@ __attribute__((noinline)) void qk_i2(const Plan& p, const int8_t* qg, const int8
   qk_finish(mx, bmax);
 }
 
+// int2 on bit planes (attention_internal.h, Plan::kplanes): per query-key pair and 64 channels,
+// 4 XOR + 4 scalar popcnt (one word holding both planes when dpad <= 32: 2 XOR + 3 popcnt),
+// z = 4 p_aa + 2 (p_ab + p_ba) + p_bb and q·k = 9·dp − 2z, the same int32 as qk_i2. On AMD Zen
+// popcnt issues on all 4 integer ALUs, so this runs on the scalar pipes at about twice the rate
+// of the vpmaddubsw form (whose 256-bit multiplies take one vector pipe there, 2 cycles each).
+template <int NW>  // 64-bit words per plane; 0: both planes in one word; -1: p.plane_words
+__attribute__((target("popcnt"))) inline void qk_i2p_row(const uint64_t* q, const uint64_t* k, int nk, int nw,
+                                                         int32_t* Z) {
+  if constexpr (NW == 0) {
+    const uint64_t w = q[0], ws = q[1];  // (a | b), (b | a)
+    for (int j = 0; j < nk; ++j) {
+      const uint64_t x = w ^ k[j], y = ws ^ k[j];
+      const int pc = int(_mm_popcnt_u64(x)), plo = int(_mm_popcnt_u32(uint32_t(x))), py = int(_mm_popcnt_u64(y));
+      Z[j] = pc + 3 * plo + 2 * py;
+    }
+  } else if constexpr (NW == 1) {
+    const uint64_t a = q[0], b = q[1];
+    for (int j = 0; j < nk; j += 2, k += 4) {  // nk is even
+      const uint64_t ka = k[0], kb = k[1], kc = k[2], kd = k[3];
+      const int p1 = int(_mm_popcnt_u64(a ^ ka)), p2 = int(_mm_popcnt_u64(a ^ kb));
+      const int p3 = int(_mm_popcnt_u64(b ^ ka)), p4 = int(_mm_popcnt_u64(b ^ kb));
+      const int r1 = int(_mm_popcnt_u64(a ^ kc)), r2 = int(_mm_popcnt_u64(a ^ kd));
+      const int r3 = int(_mm_popcnt_u64(b ^ kc)), r4 = int(_mm_popcnt_u64(b ^ kd));
+      Z[j] = 4 * p1 + 2 * (p2 + p3) + p4;
+      Z[j + 1] = 4 * r1 + 2 * (r2 + r3) + r4;
+    }
+  } else {
+    const int n = NW > 0 ? NW : nw;
+    for (int j = 0; j < nk; ++j, k += 2 * n) {
+      int z = 0;
+      for (int i = 0; i < n; ++i) {
+        const uint64_t a = q[i], b = q[n + i], ka = k[i], kb = k[n + i];
+        const int p1 = int(_mm_popcnt_u64(a ^ ka)), p2 = int(_mm_popcnt_u64(a ^ kb));
+        const int p3 = int(_mm_popcnt_u64(b ^ ka)), p4 = int(_mm_popcnt_u64(b ^ kb));
+        z += 4 * p1 + 2 * (p2 + p3) + p4;
+      }
+      Z[j] = z;
+    }
+  }
+}
+
+template <int NW>
+__attribute__((noinline)) void qk_i2p(const Plan& p, const int8_t* qg, const float* rs, const uint8_t* kblk, int nv,
+                                      const float* ks, float* S, float* bmax) {
+  alignas(32) int32_t Z[kRowGroup][kKeyBlock];
+  const int nk = (nv + 15) / 16 * 16;
+  const int qw = p.qrow / 8;  // words per Q row
+  const uint64_t* k = reinterpret_cast<const uint64_t*>(kblk);
+  for (int r = 0; r < kRowGroup; ++r)
+    qk_i2p_row<NW>(reinterpret_cast<const uint64_t*>(qg) + r * qw, k, nk, p.plane_words, Z[r]);
+  const __m256i nine = _mm256_set1_epi32(9 * p.dp);
+  alignas(32) float mx[32];
+  qk_start(mx);
+  for (int c0 = 0; c0 < nv; c0 += 16)
+    for (int r = 0; r < kRowGroup; ++r)
+      qk_store_row<1, 0>(
+          _mm256_sub_epi32(nine, _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(Z[r] + c0)), 1)),
+          _mm256_sub_epi32(nine,
+                           _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(Z[r] + c0 + 8)), 1)),
+                         0, rs[r], ks + c0, S + r * kKeyBlock + c0, c0, nv, mx + 8 * r);
+  qk_finish(mx, bmax);
+}
+
 struct Avx2 {
   static constexpr int kGroup = 8;
   static constexpr int kChunk = 16;
@@ -234,7 +297,11 @@ struct Avx2 {
                  const uint8_t* kblk, int nv, const float* ks, float* S, float* bmax) {
     if (p.bits == 8) qk_i8(p, qc, qa, rs, qsum, kblk, nv, ks, S, bmax);
     else if (p.bits == 4) qk_i4(p, qc, qa, rs, qsum, kblk, nv, ks, S, bmax);
-    else qk_i2(p, qc, qa, rs, qsum, kblk, nv, ks, S, bmax);
+    else if (!p.kplanes) qk_i2(p, qc, qa, rs, qsum, kblk, nv, ks, S, bmax);
+    else if (p.plane_words == 0) qk_i2p<0>(p, qc, rs, kblk, nv, ks, S, bmax);
+    else if (p.plane_words == 1) qk_i2p<1>(p, qc, rs, kblk, nv, ks, S, bmax);
+    else if (p.plane_words == 2) qk_i2p<2>(p, qc, rs, kblk, nv, ks, S, bmax);
+    else qk_i2p<-1>(p, qc, rs, kblk, nv, ks, S, bmax);
   }
 
 };
@@ -255,7 +322,7 @@ void tile_avx2(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh,
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{"avx2", Avx2::kGroup, Avx2::kChunk, 8, 2, true, stats_avx2, prep_avx2, tile_avx2};
+  static const Kernels k{"avx2", Avx2::kGroup, Avx2::kChunk, 8, 2, true, stats_avx2, prep_avx2, tile_avx2, true};
   return k;
 }
 

@@ -9,6 +9,15 @@
 //      int8: one signed code per byte;
 //      int4: two's-complement nibbles, two steps per byte: steps 2s (low nibble) and 2s+1 (high);
 //      int2: (code + 3) / 2 in 2 bits, four steps per byte: step 4s+t at bits 2t.
+//    int2 as bit planes (Plan::kplanes; the AVX2 kernel on CPUs with fast scalar popcnt): the
+//    code is c = 2A + B with A, B in {-1, +1}, stored as the bits a = (A > 0) = (c+3)/2 >> 1 and
+//    b = (B > 0) = (c+3)/2 & 1 of each channel; key-major (no groups), per key either
+//      plane_words = 0 (dpad <= 32): one uint64, a bits in bits 0..31, b bits in 32..63, or
+//      plane_words = n: n uint64 of a bits then n of b bits (channel c at word c/64, bit c%64).
+//    Padding channels (dp..) have a = b = 0 in Q and K, so a ±1 dot product over the dp real
+//    channels is dp − 2·popcount(x ⊕ y) and q·k = 9·dp − (8 p_aa + 4 (p_ab + p_ba) + 2 p_bb)
+//    with p_xy = popcount(x_q ⊕ y_k): exactly the integer of the packed path. Q rows use the same
+//    form in the tile buffer (plane_words = 0: the word, then the word with its halves swapped).
 //    Same encodings as quant.pack (little-endian within the byte); the element order is blocked.
 //    The head dim is padded with zero codes to `dpad` (a multiple of 4, 8, 16 at 8, 4, 2 bits);
 //    keys are padded to `nkp` (scale 0, masked to -inf in the kernel).
@@ -42,12 +51,15 @@ struct Plan {
   bool smooth, rotate;
   bool want_cls, want_recv, want_ent, want_cache;
   bool v_float;     // pv8 V codes stored as floats (see the layouts above)
+  bool kplanes;     // int2 K (and Q) codes as bit planes (see the layouts above)
   // layout
   int dp;           // head dim after rotation padding (= D without rotation)
   int dpad;         // dp padded for the K layout
   int kgroup;       // keys per K group
   int kchunk;       // keys per Q·Kᵀ chunk; nkp is a multiple of it
   int dvp;          // Dv padded to the V vector width
+  int qrow;         // bytes of Q codes per row in the tile buffer (dpad; bit planes: plane_bytes)
+  int plane_words;  // kplanes: 64-bit words per plane (0: both planes in one word, dpad <= 32)
   int64_t nkp;      // keys padded
   int64_t nkb;      // key blocks of kKeyBlock
   int64_t ntiles;   // query tiles per (b, h)
@@ -87,6 +99,7 @@ struct Kernels {
   // Phase C: the fused kernel of query tile qt of (b, h); `slot` indexes the received partials.
   void (*tile)(const AttentionArgs&, const Plan&, const Work&, int64_t bh, int64_t qt,
                int64_t slot, uint8_t* scratch);
+  bool int2_planes = false;  // can run int2 Q·Kᵀ on bit planes (Plan::kplanes)
 };
 
 const Kernels& kernels_portable();

@@ -266,7 +266,7 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
     const float* vblk = int_pv ? nullptr : w.vh + bh * p.v_stride + j0 * p.dvp;  // float V rows
     for (int g = 0; g < ng; ++g) {
       const int r0 = g * kRowGroup;
-      ISA::qk(p, qc + int64_t(r0) * p.dpad, qa + int64_t(r0) * p.dpad, rs + r0, qsum + r0, kblk, nv, ks + j0, S,
+      ISA::qk(p, qc + int64_t(r0) * p.qrow, qa + int64_t(r0) * p.dpad, rs + r0, qsum + r0, kblk, nv, ks + j0, S,
               bmax);
       for (int rr = 0; rr < kRowGroup && r0 + rr < nr; ++rr) {
         const int r = r0 + rr;

@@ -25,6 +25,15 @@ CpuFeatures detect() {
   const bool osxsave = c & (1u << 27);
   f.fma = c & (1u << 12);
   f.f16c = c & (1u << 29);
+  f.popcnt = c & (1u << 23);
+  {
+    unsigned int va = 0, vb = 0, vc = 0, vd = 0;
+    __get_cpuid(0, &va, &vb, &vc, &vd);
+    const bool amd = vb == 0x68747541u && vd == 0x69746e65u && vc == 0x444d4163u;  // "AuthenticAMD"
+    const bool hygon = vb == 0x6f677948u && vd == 0x6e65476eu && vc == 0x656e6975u;  // "HygonGenuine"
+    const unsigned family = ((a >> 8) & 0xf) + (((a >> 8) & 0xf) == 0xf ? ((a >> 20) & 0xff) : 0);
+    f.fast_popcnt = f.popcnt && (amd || hygon) && family >= 0x17;
+  }
   const bool avx = c & (1u << 28);
   if (osxsave && avx) {
     const auto xcr0 = xgetbv0();

@@ -11,6 +11,10 @@ struct CpuFeatures {
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vnni = false;
   bool avx512bf16 = false, amx_tile = false, amx_int8 = false, amx_bf16 = false;
   bool os_avx = false, os_avx512 = false, os_amx = false;  // OS saves the register state
+  bool popcnt = false;
+  // Scalar popcnt with several execution ports (AMD Zen, family 0x17 and later: 4 per cycle;
+  // Intel cores issue one per cycle): the AVX2 int2 Q·Kᵀ uses bit planes and popcnt there.
+  bool fast_popcnt = false;
 };
 
 // What the running CPU (and OS) support, detected once.

@@ -408,14 +408,24 @@ inline float quantize_row_avx2(const float* x, int n, int8_t* codes) {
   } else {
     float cand[kClipCandidates], safe[kClipCandidates], err[kClipCandidates];
     clip_candidates<BITS>(amax, __builtin_sqrtf(hsum8_q(sq) / float(n)), cand);
-    for (int g = 0; g < kClipCandidates; ++g) safe[g] = cand[g] > 0.f ? cand[g] : 1.f;
-    for (int g = 0; g < kClipCandidates; g += 3) grid_errors3<BITS>(x, n, safe + g, err + g);
+    // Candidates clipped at the absmax repeat cand[0] (at 4 bits, on rotated rows, most of them
+    // do): a repeat has the same error, so under the strict rule below it never wins; only the
+    // distinct ones are evaluated (3 at a time; each error is computed the same way in any slot).
+    int uniq[kClipCandidates], nu = 0;
+    for (int g = 0; g < kClipCandidates; ++g) {
+      bool seen = false;
+      for (int u = 0; u < nu; ++u) seen |= cand[uniq[u]] == cand[g];
+      if (!seen) uniq[nu++] = g;
+    }
+    for (int u = 0; u < kClipCandidates; ++u) safe[u] = u < nu ? cand[uniq[u]] : cand[uniq[0]];
+    for (int u = 0; u < kClipCandidates; ++u) safe[u] = safe[u] > 0.f ? safe[u] : 1.f;
+    for (int u = 0; u < nu; u += 3) grid_errors3<BITS>(x, n, safe + u, err + u);
     scale = cand[0];
     float best_err = err[0];
-    for (int g = 1; g < kClipCandidates; ++g)
-      if (err[g] < best_err) {  // strict: ties keep the earlier candidate
-        best_err = err[g];
-        scale = cand[g];
+    for (int u = 1; u < nu; ++u)
+      if (err[u] < best_err) {  // strict: ties keep the earlier candidate
+        best_err = err[u];
+        scale = cand[uniq[u]];
       }
   }
   if (!(scale > 0.f)) scale = BITS == 2 ? 1.17549435e-38f : 1.f;
@@ -504,10 +514,41 @@ inline float prepare_qk_row(const View4& t, const Plan& p, int64_t b, int64_t h,
 // Blocked layouts
 // --------------------------------------------------------------------------------------------
 
-inline int64_t k_group_bytes(const Plan& p) { return int64_t(p.kgroup) * p.dpad * p.bits / 8; }
+// Bytes of one key (or Q row) in the int2 bit-plane layout.
+inline int plane_bytes(const Plan& p) { return p.plane_words == 0 ? 8 : 16 * p.plane_words; }
+
+inline int64_t k_group_bytes(const Plan& p) {
+  return p.kplanes ? int64_t(p.kgroup) * plane_bytes(p) : int64_t(p.kgroup) * p.dpad * p.bits / 8;
+}
+
+// int2 codes[0..dp) → bit planes (attention_internal.h); w gets 1 or 2·plane_words words.
+inline void int2_planes(const Plan& p, const int8_t* codes, uint64_t* w) {
+  if (p.plane_words == 0) {
+    uint64_t x = 0;
+    for (int c = 0; c < p.dp; ++c) {
+      const unsigned u = unsigned(codes[c] + 3) >> 1;
+      x |= uint64_t(u >> 1) << c | uint64_t(u & 1) << (32 + c);
+    }
+    w[0] = x;
+    return;
+  }
+  const int n = p.plane_words;
+  for (int i = 0; i < 2 * n; ++i) w[i] = 0;
+  for (int c = 0; c < p.dp; ++c) {
+    const unsigned u = unsigned(codes[c] + 3) >> 1;
+    w[c >> 6] |= uint64_t(u >> 1) << (c & 63);
+    w[n + (c >> 6)] |= uint64_t(u & 1) << (c & 63);
+  }
+}
 
 // Store the codes of key j into the blocked K layout of one (b, h).
 inline void store_k_codes(uint8_t* kbh, const Plan& p, int64_t j, const int8_t* codes) {
+  if (p.kplanes) {
+    uint64_t w[64];
+    int2_planes(p, codes, w);
+    std::memcpy(kbh + j * plane_bytes(p), w, size_t(plane_bytes(p)));
+    return;
+  }
   const int G = p.kgroup;
   uint8_t* grp = kbh + (j / G) * k_group_bytes(p);
   const int kk = int(j % G);
@@ -529,6 +570,20 @@ inline void store_k_codes(uint8_t* kbh, const Plan& p, int64_t j, const int8_t* 
 
 // Code of key j, channel c from the blocked layout (portable kernel and tests of the layout).
 inline int k_code(const uint8_t* kbh, const Plan& p, int64_t j, int c) {
+  if (p.kplanes) {
+    if (c >= p.dp) return 0;
+    uint64_t w[64];
+    std::memcpy(w, kbh + j * plane_bytes(p), size_t(plane_bytes(p)));
+    unsigned a, b;
+    if (p.plane_words == 0) {
+      a = unsigned(w[0] >> c) & 1;
+      b = unsigned(w[0] >> (32 + c)) & 1;
+    } else {
+      a = unsigned(w[c >> 6] >> (c & 63)) & 1;
+      b = unsigned(w[p.plane_words + (c >> 6)] >> (c & 63)) & 1;
+    }
+    return 2 * (2 * int(a) - 1) + (2 * int(b) - 1);
+  }
   const int G = p.kgroup;
   const uint8_t* grp = kbh + (j / G) * k_group_bytes(p);
   const int kk = int(j % G);
@@ -707,6 +762,17 @@ inline void prepare_q_tile(const AttentionArgs& a, const Plan& p, int64_t b, int
     } else {
       rs[r] = 0.f;
       for (int k = 0; k < p.dpad; ++k) tmp[k] = 0;
+    }
+    if (p.kplanes) {  // bit planes (rows >= nr: all-zero planes, their scores are not used)
+      uint64_t* w = reinterpret_cast<uint64_t*>(qc + int64_t(r) * p.qrow);
+      if (r < nr) {
+        int2_planes(p, tmp, w);
+        if (p.plane_words == 0) w[1] = (w[0] >> 32) | (w[0] << 32);
+      } else {
+        std::memset(w, 0, size_t(p.qrow));
+      }
+      qsum[r] = 0;
+      continue;
     }
     int32_t sum = 0;
     for (int k = 0; k < p.dpad; ++k) sum += tmp[k];
