@@ -241,7 +241,8 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
   uint16_t* cache = reinterpret_cast<uint16_t*>(scr + p.off_cache);
 
   int8_t* tmp = reinterpret_cast<int8_t*>(row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
-  prepare_q_tile(a, p, b, h, i0, nr, ng * kRowGroup, row, tmp, true, qc, ISA::kNeedAbs ? qa : nullptr, rs, qsum);
+  prepare_q_tile(a, p, b, h, i0, nr, ng * kRowGroup, row, tmp, true, qc, ISA::kNeedAbs && p.bits == 8 ? qa : nullptr,
+                 rs, qsum);
   for (int r = 0; r < nr; ++r) {
     M[r] = -inf_();
     L[r] = 0.f;

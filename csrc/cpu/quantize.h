@@ -522,7 +522,32 @@ inline int64_t k_group_bytes(const Plan& p) {
 }
 
 // int2 codes[0..dp) → bit planes (attention_internal.h); w gets 1 or 2·plane_words words.
+// `codes` holds dpad bytes (zeros from dp on).
 inline void int2_planes(const Plan& p, const int8_t* codes, uint64_t* w) {
+#ifdef RAAD_HAVE_AVX2_QUANT
+  // 32 channels at a time: a = (c > 0); b = bit 1 of c + 3 (c + 3 in {0, 2, 4, 6}), moved to the
+  // byte's sign bit by a 16-bit shift by 6 (the low byte's bits 0..2 stay inside it).
+  const int n = p.plane_words;
+  if (n > 0)
+    for (int i = 0; i < 2 * n; ++i) w[i] = 0;
+  for (int c0 = 0; c0 < p.dpad; c0 += 32) {
+    const __m256i v = c0 + 32 <= p.dpad
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c0))
+                          : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c0)));
+    const int valid = p.dp - c0;
+    const uint32_t keep = valid >= 32 ? 0xffffffffu : (valid <= 0 ? 0u : (1u << valid) - 1u);
+    const uint32_t a = uint32_t(_mm256_movemask_epi8(_mm256_cmpgt_epi8(v, _mm256_setzero_si256()))) & keep;
+    const uint32_t b =
+        uint32_t(_mm256_movemask_epi8(_mm256_slli_epi16(_mm256_add_epi8(v, _mm256_set1_epi8(3)), 6))) & keep;
+    if (n == 0) {
+      w[0] = uint64_t(a) | uint64_t(b) << 32;
+    } else {
+      const int sh = c0 & 63;
+      w[c0 >> 6] |= uint64_t(a) << sh;
+      w[n + (c0 >> 6)] |= uint64_t(b) << sh;
+    }
+  }
+#else
   if (p.plane_words == 0) {
     uint64_t x = 0;
     for (int c = 0; c < p.dp; ++c) {
@@ -539,6 +564,7 @@ inline void int2_planes(const Plan& p, const int8_t* codes, uint64_t* w) {
     w[c >> 6] |= uint64_t(u >> 1) << (c & 63);
     w[n + (c >> 6)] |= uint64_t(u & 1) << (c & 63);
   }
+#endif
 }
 
 // Store the codes of key j into the blocked K layout of one (b, h).
