@@ -395,10 +395,11 @@ inline void grid_errors3(const float* x, int n, const float* s, float* err) {
 template <int BITS>
 inline float quantize_row_avx2(const float* x, int n, int8_t* codes) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 am = _mm256_setzero_ps(), sq = _mm256_setzero_ps();
+  __m256 am = _mm256_setzero_ps(), sq = _mm256_setzero_ps(), sa = _mm256_setzero_ps();
   for (int i = 0; i < n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v));
+    if constexpr (BITS == 2) sa = _mm256_add_ps(sa, _mm256_andnot_ps(sign, v));
     sq = _mm256_fmadd_ps(v, v, sq);
   }
   const float amax = hmax8_q(am);
@@ -419,7 +420,32 @@ inline float quantize_row_avx2(const float* x, int n, int8_t* codes) {
     }
     for (int u = 0; u < kClipCandidates; ++u) safe[u] = u < nu ? cand[uniq[u]] : cand[uniq[0]];
     for (int u = 0; u < kClipCandidates; ++u) safe[u] = safe[u] > 0.f ? safe[u] : 1.f;
-    for (int u = 0; u < nu; u += 3) grid_errors3<BITS>(x, n, safe + u, err + u);
+    if constexpr (BITS == 2) {
+      // int2 in closed form: with a = |x|, the code magnitude is 1 below a = 2s and 3 from there
+      // (the grid's boundaries: at a = 2s both sides give the same error s²), so
+      //   err(s) = Σ (a − s)² + Σ_{a ≥ 2s} [(a − 3s)² − (a − s)²] = S2 − 2 s A + n s² − 4 s Σ max(a − 2s, 0)
+      // with S2 = Σ a², A = Σ a: 3 vector operations per candidate and 8 channels instead of 8.
+      // The same errors up to float rounding (the test of the codes allows picks that tie to it).
+      const float S2 = hsum8_q(sq), A = hsum8_q(sa);
+      for (int u = 0; u < nu; u += 3) {
+        const __m256 t0 = _mm256_set1_ps(2.f * safe[u]), t1 = _mm256_set1_ps(2.f * safe[u + 1 < nu ? u + 1 : u]),
+                     t2 = _mm256_set1_ps(2.f * safe[u + 2 < nu ? u + 2 : u]);
+        __m256 r0 = _mm256_setzero_ps(), r1 = r0, r2 = r0;
+        for (int i = 0; i < n; i += 8) {
+          const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+          r0 = _mm256_add_ps(r0, _mm256_max_ps(_mm256_sub_ps(a, t0), _mm256_setzero_ps()));
+          r1 = _mm256_add_ps(r1, _mm256_max_ps(_mm256_sub_ps(a, t1), _mm256_setzero_ps()));
+          r2 = _mm256_add_ps(r2, _mm256_max_ps(_mm256_sub_ps(a, t2), _mm256_setzero_ps()));
+        }
+        const float R[3] = {hsum8_q(r0), hsum8_q(r1), hsum8_q(r2)};
+        for (int k = 0; k < 3 && u + k < nu; ++k) {
+          const float s = safe[u + k];
+          err[u + k] = S2 - 2.f * s * A + float(n) * s * s - 4.f * s * R[k];
+        }
+      }
+    } else {
+      for (int u = 0; u < nu; u += 3) grid_errors3<BITS>(x, n, safe + u, err + u);
+    }
     scale = cand[0];
     float best_err = err[0];
     for (int u = 1; u < nu; ++u)
