@@ -16,6 +16,7 @@ The per-bit-width table (RAAD student shapes; each qk_bits at pv_bits=8 through 
 against SDPA fp32, all timed round-robin in one loop):
 
     .venv/bin/python -m benchmarks.test_bench_cpu --qk-sweep --rounds 15
+    .venv/bin/python -m benchmarks.test_bench_cpu --qk-sweep --rounds 9 --threads 1 --cpu-time   # loaded machine
 
 Targets (issue 3; geometric means over the four shapes): int8 >= 2.5× SDPA fp32, int8 >= 1.2×
 SDPA bf16, the three maps add <= 15 % to the plain call, int4 and int2 at most 10 % slower than
@@ -165,13 +166,20 @@ def test_cpu_attention_speed(benchmark, shape, name):
 SWEEP_SHAPES = [(8, 2, 1025, 64), (8, 2, 257, 64), (8, 2, 1025, 32)]
 
 
-def qk_sweep(rounds=15, shapes=SWEEP_SHAPES, logit_std=3.0, warmup=2, out=print):
+def qk_sweep(rounds=15, shapes=SWEEP_SHAPES, logit_std=3.0, warmup=2, cpu_time=False, out=print):
     """SDPA fp32 time / kernel time for qk_bits 8, 4, 2 at pv_bits 8 (``rk.quant_attention``,
-    backend "cpu"), timed round-robin in one loop on two alternated input sets; medians."""
+    backend "cpu"), timed round-robin in one loop on two alternated input sets; medians.
+    ``cpu_time``: the calling thread's CPU time instead of wall time (one thread only: then all
+    the work of both runs in the calling thread, and time the machine gives other jobs is not
+    counted)."""
     import raad_kernels as rk
+    if cpu_time and torch.get_num_threads() != 1:
+        raise ValueError("cpu_time needs one thread (--threads 1)")
+    clock = time.thread_time if cpu_time else time.perf_counter
     caps = _cpu().capabilities()
     out(f"qk sweep vs SDPA fp32 — kernels: {caps['kernel_isa']}, {torch.get_num_threads()} threads, "
-        f"median of {rounds} runs, make_qkv(logit_std={logit_std})\n")
+        f"median of {rounds} runs of {'thread CPU time' if cpu_time else 'wall time'}, "
+        f"make_qkv(logit_std={logit_std})\n")
     out("| B×H×N×D | SDPA fp32 ms | int8/pv8 | int4/pv8 | int2/pv8 |")
     out("|---|---|---|---|---|")
     res = {}
@@ -187,9 +195,9 @@ def qk_sweep(rounds=15, shapes=SWEEP_SHAPES, logit_std=3.0, warmup=2, out=print)
         times = {k: [] for k in fns}
         for r in range(rounds):
             for name, f in fns.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 f(r % 2)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         res[shape] = {b: med["sdpa"] / med[b] for b in (8, 4, 2)}
         b, h, n, d = shape
@@ -207,12 +215,14 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="indices into SHAPES (or SWEEP_SHAPES), e.g. 0,1")
     ap.add_argument("--qk-sweep", action="store_true",
                     help="qk_bits 8/4/2 at pv_bits 8 vs SDPA fp32 on the RAAD student shapes")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="with --qk-sweep and --threads 1: time thread CPU time, not wall time")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.qk_sweep:
         shapes = SWEEP_SHAPES if args.shapes is None else [SWEEP_SHAPES[int(i)] for i in args.shapes.split(",")]
-        qk_sweep(rounds=args.rounds, shapes=shapes, logit_std=args.logit_std)
+        qk_sweep(rounds=args.rounds, shapes=shapes, logit_std=args.logit_std, cpu_time=args.cpu_time)
         return
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
     ratio_table(rounds=args.rounds, shapes=shapes, logit_std=args.logit_std)
