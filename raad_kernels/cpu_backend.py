@@ -12,7 +12,9 @@ O(B·H·N), never N×N.
 Kernel paths, chosen at run time from the CPU (``raad_kernels._cpu.capabilities()``):
 ``avx512`` (AVX-512 VNNI ``vpdpbusd``; also used on AMX CPUs), ``avx2`` (``vpmaddubsw`` with the
 sign trick; fp32-FMA P·V that skips zero probabilities) and ``portable`` (plain C++). The
-environment variable ``RAAD_CPU_ISA=portable|avx2|avx512`` forces a lower path.
+environment variable ``RAAD_CPU_ISA=portable|avx2|avx512`` forces a lower path. On AMD Zen the
+``avx2`` int2 Q·Kᵀ at head dims padded to >= 64 runs on bit planes with scalar ``popcnt`` (the
+same integer scores); ``RAAD_CPU_INT2=packed|planes`` overrides that choice (read per call).
 
 Inputs: float32, float16 or bfloat16, any strides (non-contiguous views are read in place, not
 copied), head dims of any size (tuned for 16..256), any Nq, Nk >= 1, an optional bool or additive
