@@ -147,7 +147,7 @@ def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int
     ``normals``: held-out normal images (ImageNet-normalised); synthetic anomalies are made from
     them. Returns one :class:`LayerScore` per layer, in the order given.
     """
-    grid = normals.shape[-1] // 4
+    grid = normals.shape[-1] // detector.cfg.stride
     anomalous, masks = synthetic_anomalies(normals, seed=seed, grid=grid)
     batch = torch.cat([normals, anomalous])
     all_masks = torch.cat([torch.zeros_like(masks), masks])

