@@ -11,7 +11,7 @@ SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: test demo build bench bench-cpu clean
+.PHONY: test demo kernel-demo build bench bench-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ build: $(BUILT)
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# RAAD end to end: synthetic data -> fit (HQS plan) -> score fp32 and plan -> bench -> report
 demo: build
+	$(VENV)/bin/raad demo --out $(DEMO_OUT)
+
+# the kernels alone: accuracy of each bit-width against float64, and the backends available
+kernel-demo: build
 	$(PY) -m raad_kernels.demo
 
 bench-cpu: build
