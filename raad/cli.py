@@ -13,8 +13,9 @@ from .checkpoint import RunError
 
 def _model_cfg(args):
     from .model import ModelConfig
-    return ModelConfig(image_size=args.image_size, teacher=args.teacher, embed_dim=args.embed_dim,
-                       depth=args.depth, num_heads=args.num_heads, use_ae=not args.no_ae)
+    return ModelConfig(image_size=args.image_size, teacher=args.teacher, stride=args.stride,
+                       embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
+                       use_ae=not args.no_ae)
 
 
 def _fit_opts(args):
@@ -49,12 +50,13 @@ def cmd_score(args):
 
 def cmd_bench(args):
     from .score import bench
-    r = bench(args.run_dir, device=args.device, batch=args.batch_size, repeats=args.repeats)
+    r = bench(args.run_dir, device=args.device, batch=args.batch_size, repeats=args.repeats,
+              data_dir=args.data)
     if args.json:
         print(json.dumps(r))
     else:
         print(f"fp32 {r['fp32_images_per_s']:.2f} img/s, plan {r['plan_images_per_s']:.2f} img/s, "
-              f"speedup {r['speedup']:.2f}x ({r['threads']} threads, batch {r['batch']})")
+              f"speedup {r['speedup']:.2f}x ({r['threads']} threads, batch {r['batch']}, {r['images']})")
 
 
 def cmd_demo(args):
@@ -76,19 +78,26 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(s):
-        s.add_argument("--teacher", default="effnet-lite0", help="effnet-lite0 or timm:NAME[@CHECKPOINT]")
-        s.add_argument("--image-size", type=int, default=128)
-        s.add_argument("--embed-dim", type=int, default=128)
-        s.add_argument("--depth", type=int, default=4)
-        s.add_argument("--num-heads", type=int, default=2)
+        # defaults come from the dataclasses, so the CLI, `raad demo` and the Python API agree
+        from .model import ModelConfig
+        from .train import FitOptions
+        m, f = ModelConfig(), FitOptions()
+        s.add_argument("--teacher", default=m.teacher, help="effnet-lite0 or timm:NAME[@CHECKPOINT]")
+        s.add_argument("--image-size", type=int, default=m.image_size)
+        s.add_argument("--stride", type=int, default=m.stride, choices=(4, 8),
+                       help="image pixels per student token (the maps' resolution)")
+        s.add_argument("--embed-dim", type=int, default=m.embed_dim)
+        s.add_argument("--depth", type=int, default=m.depth)
+        s.add_argument("--num-heads", type=int, default=m.num_heads)
         s.add_argument("--no-ae", action="store_true", help="no autoencoder branch")
-        s.add_argument("--steps", type=int, default=300)
-        s.add_argument("--stage2-steps", type=int, default=60)
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--lr", type=float, default=1e-3)
-        s.add_argument("--avg-bits", type=float, default=4.0, help="average Q·Kᵀ bits (2..8), 16 = full precision")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--device", default="cpu")
+        s.add_argument("--steps", type=int, default=f.steps)
+        s.add_argument("--stage2-steps", type=int, default=f.stage2_steps)
+        s.add_argument("--batch-size", type=int, default=f.batch_size)
+        s.add_argument("--lr", type=float, default=f.lr)
+        s.add_argument("--avg-bits", type=float, default=f.avg_bits,
+                       help="average Q·Kᵀ bits (2..8), 16 = full precision")
+        s.add_argument("--seed", type=int, default=f.seed)
+        s.add_argument("--device", default=f.device)
 
     s = sub.add_parser("make-data", help="generate synthetic categories in the MVTec AD layout")
     s.add_argument("out")
@@ -121,6 +130,7 @@ def build_parser():
     s.add_argument("--device", default="cpu")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--repeats", type=int, default=10)
+    s.add_argument("--data", default=None, help="time on this category's test images (default: noise images)")
     s.add_argument("--json", action="store_true", help="print one JSON line")
     s.set_defaults(func=cmd_bench)
 

@@ -36,7 +36,7 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
         res = score(out / "run", data_dir, out / f"scores_{precision}", precision=precision, show=show)
         rows[precision] = res
     print("[4/4] benchmarking")
-    speed = {c: bench(out / "run" / c) for c in cats}
+    speed = {c: bench(out / "run" / c, data_dir=data_dir / c) for c in cats}
     table = _table(cats, rows, speed)
     print()
     print(table)

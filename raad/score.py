@@ -116,9 +116,13 @@ def _timed(det, x) -> float:
     return time.perf_counter() - t0
 
 
-def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto") -> dict:
+def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto", data_dir=None) -> dict:
     """Images/s of the run's model with float attention and with its plan, timed alternately in
-    one process on the same images (median of ``repeats`` batches each)."""
+    one process on the same images (median of ``repeats`` batches each).
+
+    ``data_dir``: a category folder (or a folder of them) whose first ``batch`` test images are
+    used; without it, a fixed batch of Gaussian-noise images (attention on noise is flatter than
+    on real images, which matters to the kernels' zero skipping)."""
     run = run_categories(run_dir)[0]
     fp32, _, _ = load_run(run, precision="fp32")
     quant, _, plan = load_run(run, precision="plan", backend=backend)
@@ -126,18 +130,32 @@ def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto") -> dict:
         raise ValueError(f"{run}: this run has no plan (fitted with --avg-bits 16): nothing to compare")
     fp32.to(device)
     quant.to(device)
-    g = torch.Generator().manual_seed(0)
     size = fp32.cfg.image_size
-    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    if data_dir is not None:
+        cats = {p.name: p for p in D.category_dirs(data_dir)}
+        name = read_config(run).get("summary", {}).get("category", run.name)
+        cat = cats.get(name) or (next(iter(cats.values())) if len(cats) == 1 else None)
+        if cat is None:
+            raise D.DataError([(Path(data_dir), f"has no category {name!r} (the run was fitted on it); "
+                                                f"found: {sorted(cats)}")])
+        items = list(D.validate(cat).test)[:batch]
+        x = torch.stack([D.load_image(it.path, size) for it in items])
+        source = f"{len(items)} test images of {cat.name}"
+    else:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, size, size, generator=g)
+        source = "Gaussian noise"
+    x = x.to(device)
+    n = len(x)
     t_fp, t_q = [], []
     with torch.inference_mode():
         fp32(x), quant(x)  # warm-up
         for _ in range(repeats):  # alternate, so drift in machine load hits both alike
             t_fp.append(_timed(fp32, x))
             t_q.append(_timed(quant, x))
-    fp_ips = batch / statistics.median(t_fp)
-    q_ips = batch / statistics.median(t_q)
+    fp_ips = n / statistics.median(t_fp)
+    q_ips = n / statistics.median(t_q)
     return {"fp32_images_per_s": round(fp_ips, 3), "plan_images_per_s": round(q_ips, 3),
-            "speedup": round(q_ips / fp_ips, 3), "batch": batch, "repeats": repeats, "device": device,
-            "threads": torch.get_num_threads(), "image_size": size,
-            "plan_bits": {n: e["qk_bits"] for n, e in plan["layers"].items()}}
+            "speedup": round(q_ips / fp_ips, 3), "batch": n, "repeats": repeats, "device": device,
+            "threads": torch.get_num_threads(), "image_size": size, "images": source,
+            "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()}}

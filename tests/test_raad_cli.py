@@ -62,6 +62,24 @@ def test_bench_prints_one_json_line(fitted, capsys):
     assert r["speedup"] == pytest.approx(r["plan_images_per_s"] / r["fp32_images_per_s"], rel=1e-2)
 
 
+def test_bench_on_real_test_images(fitted, capsys, tmp_path):
+    data, run = fitted
+    capsys.readouterr()
+    assert main(["bench", str(run), "--json", "--repeats", "2", "--batch-size", "3", "--data", str(data)]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["images"] == "3 test images of pcb" and r["batch"] == 3
+    # a data folder without the run's category is refused, naming what it has
+    other = tmp_path / "other"
+    assert main(["make-data", str(other), "--categories", "weave", "--size", "64", "--n-train", "2",
+                 "--n-test-good", "1", "--n-test-defect", "1"]) == 0
+    (other / "stone").mkdir()  # two categories: no fallback to "the only one"
+    shutil.copytree(other / "weave", other / "stone", dirs_exist_ok=True)
+    capsys.readouterr()
+    assert main(["bench", str(run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "has no category 'pcb'" in err and "weave" in err
+
+
 def test_damaged_weights_are_refused(fitted, tmp_path, capsys):
     data, run = fitted
     bad = tmp_path / "run"
@@ -103,3 +121,17 @@ def test_broken_training_image_stops_before_anything_is_written(tmp_path, capsys
     err = capsys.readouterr().err
     assert victim.name in err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`raad fit` without options trains exactly what `raad demo` and the Python API train."""
+    from raad.cli import build_parser
+    from raad.model import ModelConfig
+    from raad.train import FitOptions
+    for command in ("fit", "ablate"):
+        a = build_parser().parse_args([command, "data", "--out", "run"])
+        f, m = FitOptions(), ModelConfig()
+        assert (a.lr, a.steps, a.stage2_steps, a.batch_size, a.avg_bits, a.seed) == \
+            (f.lr, f.steps, f.stage2_steps, f.batch_size, f.avg_bits, f.seed)
+        assert (a.image_size, a.stride, a.embed_dim, a.depth, a.num_heads, a.teacher) == \
+            (m.image_size, m.stride, m.embed_dim, m.depth, m.num_heads, m.teacher)
