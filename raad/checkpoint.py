@@ -10,7 +10,7 @@ from pathlib import Path
 from .io import atomic_path, atomic_write_text
 
 RUN_FORMAT = "raad-run"
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"
