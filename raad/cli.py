@@ -82,7 +82,7 @@ def build_parser():
         from .model import ModelConfig
         from .train import FitOptions
         m, f = ModelConfig(), FitOptions()
-        s.add_argument("--teacher", default=m.teacher, help="effnet-lite0 or timm:NAME[@CHECKPOINT]")
+        s.add_argument("--teacher", default=m.teacher, help="effnet-lite0, or timm:NAME[@CHECKPOINT] (weights: CHECKPOINT, else the local Hugging Face cache)")
         s.add_argument("--image-size", type=int, default=m.image_size)
         s.add_argument("--stride", type=int, default=m.stride, choices=(4, 8),
                        help="image pixels per student token (the maps' resolution)")

@@ -118,27 +118,52 @@ class EffNetTeacher(nn.Module):
         return torch.cat(outs, dim=1)
 
 
+def cached_hub_weights(name: str) -> str | None:
+    """Path of timm model ``name``'s pretrained weights if they are already in the local Hugging
+    Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), else None. Never touches the network."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # unknown name or tag: timm.create_model will say so
+        return None
+    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(hub, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
 class TimmViTTeacher(nn.Module):
-    """Any timm ViT: patch tokens, reshaped to their grid and resized to the student's grid."""
+    """Any timm ViT: patch tokens, reshaped to their grid and resized to the student's grid.
+
+    Weights: ``checkpoint`` (a local file) if given, else the model's pretrained weights when
+    they are in the local Hugging Face cache, else random weights with a warning (no download is
+    attempted: the machines this runs on are often offline)."""
 
     stem_channels = 3
 
     def __init__(self, name: str, checkpoint: str | None = None, image_size: int = 128):
         super().__init__()
         import timm
-        pretrained = checkpoint is None
+        source = checkpoint or cached_hub_weights(name)
         kw = dict(pretrained=False, num_classes=0, img_size=image_size, dynamic_img_size=True)
-        if checkpoint:
-            kw["pretrained_cfg_overlay"] = dict(file=checkpoint)
+        if source:
+            kw["pretrained_cfg_overlay"] = dict(file=source)
             kw["pretrained"] = True
         try:
             self.vit = timm.create_model(name, **kw)
         except Exception as e:
-            raise ValueError(f"--teacher timm:{name}: timm could not build it: {e}") from e
-        if pretrained:
+            raise ValueError(f"--teacher timm:{name}: timm could not build it"
+                             f"{f' from {source}' if source else ''}: {e}") from e
+        self.weights = source or "random"
+        if not source:
             import warnings
-            warnings.warn(f"timm:{name} teacher has random weights (no checkpoint given): "
-                          "anomaly maps will be poor", stacklevel=2)
+            warnings.warn(f"timm:{name} teacher has random weights (no checkpoint given and none in the "
+                          "local Hugging Face cache): anomaly maps will be poor", stacklevel=2)
         self.target_channels = self.vit.num_features
         self.requires_grad_(False)
         self.eval()

@@ -46,3 +46,32 @@ def test_bad_stride_and_blocks_are_refused():
         Detector(ModelConfig(image_size=64, stride=16))
     with pytest.raises(ValueError, match="target_blocks"):
         Detector(ModelConfig(image_size=64, target_blocks=(1,)))
+
+
+def test_vit_teacher_takes_weights_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """timm:NAME with no checkpoint loads the pretrained weights when they are cached (no network)."""
+    import huggingface_hub.constants as hc
+    import timm
+    from safetensors.torch import save_file
+
+    from raad.model import TimmViTTeacher
+
+    name = "vit_tiny_patch16_224"
+    hub = timm.models.get_pretrained_cfg(name).hf_hub_id
+    snap = tmp_path / f"models--{hub.replace('/', '--')}" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    torch.manual_seed(1)
+    ref = timm.create_model(name, pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(snap / "model.safetensors"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "random weights" warning may be raised
+        teacher = TimmViTTeacher(name, image_size=64)
+    assert teacher.weights.endswith("model.safetensors")
+    assert torch.equal(teacher.vit.patch_embed.proj.weight, ref["patch_embed.proj.weight"])
+    # and with an empty cache: random weights, said out loud
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.warns(UserWarning, match="random weights"):
+        assert TimmViTTeacher(name, image_size=64).weights == "random"
