@@ -33,8 +33,9 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
     print("[3/4] scoring in fp32 and with the plan")
     rows = {}
     for precision in ("fp32", "plan"):
-        res = score(out / "run", data_dir, out / f"scores_{precision}", precision=precision, show=show)
-        rows[precision] = res
+        # one category at a time, so each has its own folder even when there is only one
+        rows[precision] = {c: score(out / "run" / c, data_dir / c, out / f"scores_{precision}" / c,
+                                    precision=precision, show=show)[c] for c in cats}
     print("[4/4] benchmarking")
     speed = {c: bench(out / "run" / c, data_dir=data_dir / c) for c in cats}
     table = _table(cats, rows, speed)
@@ -47,14 +48,27 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
         plan = json.loads((out / "run" / c / "plan.json").read_text())
         bits = ", ".join(f"{n.split('.')[-2]}: {e['qk_bits']}" for n, e in plan["layers"].items())
         report.append(f"- {c}: {bits}")
-    report += ["", "Heatmaps (with the plan): " + ", ".join(
-        f"[{c}](scores_plan/{c}/report.md)" for c in cats), ""]
+    report += ["", "Heatmaps with the plan, the first test image of each kind (the defect's outline drawn "
+               "on it); every image: " + ", ".join(f"[{c}](scores_plan/{c}/report.md)" for c in cats), ""]
+    for c in cats:
+        report += [f"**{c}**", "", *_examples(out / "scores_plan" / c / "overlays", f"scores_plan/{c}/overlays"), ""]
     atomic_write_text(out / "REPORT.md", "\n".join(report))
     save_json(out / "demo.json", {"fits": {c: {k: v for k, v in f.items() if not k.endswith("_log")}
                                            for c, f in fits.items()},
                                   "bench": speed, "metrics": {p: {c: _core(r) for c, r in rs.items()}
                                                               for p, rs in rows.items()}})
     return {"metrics": rows, "bench": speed}
+
+
+def _examples(folder: Path, rel: str) -> list[str]:
+    """A one-row markdown table: the first overlay of each kind (``<kind>__<n>.png``)."""
+    first = {}
+    for p in sorted(folder.glob("*.png")):
+        first.setdefault(p.name.split("__")[0], p.name)
+    if not first:
+        return []
+    return ["| " + " | ".join(first) + " |", "|" + "---|" * len(first),
+            "| " + " | ".join(f"![{k}]({rel}/{n})" for k, n in first.items()) + " |"]
 
 
 def _core(r):

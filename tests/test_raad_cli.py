@@ -135,3 +135,27 @@ def test_cli_defaults_are_the_library_defaults():
             (f.lr, f.steps, f.stage2_steps, f.batch_size, f.avg_bits, f.seed)
         assert (a.image_size, a.stride, a.embed_dim, a.depth, a.num_heads, a.teacher) == \
             (m.image_size, m.stride, m.embed_dim, m.depth, m.num_heads, m.teacher)
+
+
+def test_demo_writes_table_report_and_heatmaps(tmp_path, monkeypatch, capsys):
+    """`raad demo` end to end, shrunk (tiny model, a few steps, one category)."""
+    import functools
+    import re
+
+    import raad.demo as demo_mod
+    from raad.model import ModelConfig
+    from raad.train import FitOptions
+
+    monkeypatch.setattr(demo_mod, "ModelConfig", functools.partial(
+        ModelConfig, image_size=64, embed_dim=32, depth=2, num_heads=1))
+    monkeypatch.setattr(demo_mod, "FitOptions", functools.partial(FitOptions, stage2_steps=2, batch_size=4))
+    out = tmp_path / "demo"
+    res = demo_mod.demo(out, steps=3, categories=["pcb"], quiet=True)
+    assert res["bench"]["pcb"]["speedup"] > 0
+    report = (out / "REPORT.md").read_text()
+    assert re.search(r"\| pcb \| fp32 \| [0-9.]+ \|", report) and re.search(r"\| pcb \| plan \| [0-9.]+ \|", report)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) == 5  # good + 4 defect types
+    for rel in images:
+        assert (out / rel).is_file(), rel
+    assert json.loads((out / "demo.json").read_text())["bench"]["pcb"]["images"].startswith("8 test images")
