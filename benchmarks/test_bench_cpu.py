@@ -74,10 +74,9 @@ def make_inputs(shape, sets=2, logit_std=3.0):
     return [make_qkv(b, h, n, d, seed=s, logit_std=logit_std) for s in range(sets)]
 
 
-def time_side_by_side(shape, rounds=10, warmup=2, logit_std=3.0):
-    """Median seconds of each variant, all timed in the same loop (round-robin)."""
-    inputs = make_inputs(shape, logit_std=logit_std)
-    fns = variants(inputs)
+def round_robin(fns, rounds=10, warmup=2, clock=time.perf_counter):
+    """Median time of each ``fns[name](input_set)``, all timed in the same loop (round-robin),
+    alternating the two input sets."""
     for _ in range(warmup):
         for f in fns.values():
             f(0)
@@ -85,10 +84,15 @@ def time_side_by_side(shape, rounds=10, warmup=2, logit_std=3.0):
     times = {k: [] for k in fns}
     for r in range(rounds):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f(r % 2)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_side_by_side(shape, rounds=10, warmup=2, logit_std=3.0):
+    """Median seconds of each variant, all timed in the same loop (round-robin)."""
+    return round_robin(variants(make_inputs(shape, logit_std=logit_std)), rounds, warmup)
 
 
 def geomean(xs):
@@ -188,17 +192,7 @@ def qk_sweep(rounds=15, shapes=SWEEP_SHAPES, logit_std=3.0, warmup=2, cpu_time=F
         fns = {"sdpa": lambda i: F.scaled_dot_product_attention(*inputs[i])}
         for bits in (8, 4, 2):
             fns[bits] = (lambda b: lambda i: rk.quant_attention(*inputs[i], qk_bits=b, pv_bits=8, backend="cpu"))(bits)
-        for _ in range(warmup):
-            for f in fns.values():
-                f(0)
-                f(1)
-        times = {k: [] for k in fns}
-        for r in range(rounds):
-            for name, f in fns.items():
-                t0 = clock()
-                f(r % 2)
-                times[name].append(clock() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = round_robin(fns, rounds, warmup, clock)
         res[shape] = {b: med["sdpa"] / med[b] for b in (8, 4, 2)}
         b, h, n, d = shape
         out(f"| {b}×{h}×{n}×{d} | {med['sdpa'] * 1e3:.1f} | " +
