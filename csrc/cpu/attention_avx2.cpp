@@ -67,7 +67,7 @@ inline void qk_start(float* mx) {
 }
 
 inline void qk_finish(const float* mx, float* bmax) {
-  for (int r = 0; r < 4; ++r) bmax[r] = hmax8(_mm256_load_ps(mx + 8 * r));
+  for (int r = 0; r < 4; ++r) bmax[r] = hmax8_q(_mm256_load_ps(mx + 8 * r));
 }
 
 // The micro-kernels are kept out of line so the register allocator sees them alone, and their

@@ -22,19 +22,6 @@
 namespace raad::cpu {
 namespace {
 
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 // 2^x for x <= 0 (x = -inf → 0; NaN propagates). Round-to-nearest split, degree-5 polynomial on
 // [-1/2, 1/2] (relative error 2e-7); 2^n built in the exponent bits, which are 0 for n = -127.
@@ -136,8 +123,8 @@ inline int softmax_row(const float* S, int n32, float bm, float& m, float& l, fl
                           _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     }
   }
-  l = l * alpha + hsum8(lsum);
-  if constexpr (ENT) t += hsum8(tsum);
+  l = l * alpha + hsum8_q(lsum);
+  if constexpr (ENT) t += hsum8_q(tsum);
   m = mnew;
   if constexpr (CACHE) *stamp = mnew;
   alpha_out = alpha;
