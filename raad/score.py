@@ -29,6 +29,18 @@ def run_categories(run_dir) -> list[Path]:
     return subs
 
 
+def category_for(run: Path, data_dir, cat_dirs: dict, single_run: bool = True) -> Path:
+    """The folder of ``data_dir`` holding the category ``run`` was fitted on; a data folder with
+    a single category stands for it when there is a single run."""
+    name = read_config(run).get("summary", {}).get("category", run.name)
+    if name in cat_dirs:
+        return cat_dirs[name]
+    if len(cat_dirs) == 1 and single_run:
+        return next(iter(cat_dirs.values()))
+    raise D.DataError([(Path(data_dir), f"has no category {name!r} (the run {run} was fitted on it); "
+                                        f"found: {sorted(cat_dirs)}")])
+
+
 @torch.no_grad()
 def anomaly_maps(det, items, size, batch=8, show=True):
     """Maps at each item's mask resolution (its image's size), in item order."""
@@ -90,15 +102,9 @@ def score(run_dir, data_dir, out_dir, precision="plan", backend="auto", show=Tru
     cat_dirs = {p.name: p for p in D.category_dirs(data_dir)}
     results = {}
     for run in runs:
-        name = read_config(run).get("summary", {}).get("category", run.name)
-        if name not in cat_dirs:
-            if len(cat_dirs) == 1 and len(runs) == 1:
-                name = next(iter(cat_dirs))
-            else:
-                raise D.DataError([(Path(data_dir), f"has no category {name!r} (the run {run} was fitted on it); "
-                                                    f"found: {sorted(cat_dirs)}")])
-        sub = Path(out_dir) / name if len(runs) > 1 else Path(out_dir)
-        results[name] = score_category(run, cat_dirs[name], sub, precision, backend, show=show)
+        cat = category_for(run, data_dir, cat_dirs, single_run=len(runs) == 1)
+        sub = Path(out_dir) / cat.name if len(runs) > 1 else Path(out_dir)
+        results[cat.name] = score_category(run, cat, sub, precision, backend, show=show)
     if len(results) > 1:
         summary = {"mean": M.mean_metrics(results), "categories": {k: {kk: v[kk] for kk in
                    ("image_auroc", "pixel_auroc", "aupro", "f1_max")} for k, v in results.items()}}
@@ -132,12 +138,7 @@ def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto", data_dir=N
     quant.to(device)
     size = fp32.cfg.image_size
     if data_dir is not None:
-        cats = {p.name: p for p in D.category_dirs(data_dir)}
-        name = read_config(run).get("summary", {}).get("category", run.name)
-        cat = cats.get(name) or (next(iter(cats.values())) if len(cats) == 1 else None)
-        if cat is None:
-            raise D.DataError([(Path(data_dir), f"has no category {name!r} (the run was fitted on it); "
-                                                f"found: {sorted(cats)}")])
+        cat = category_for(run, data_dir, {p.name: p for p in D.category_dirs(data_dir)})
         items = list(D.validate(cat).test)[:batch]
         x = torch.stack([D.load_image(it.path, size) for it in items])
         source = f"{len(items)} test images of {cat.name}"
