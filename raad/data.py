@@ -723,8 +723,18 @@ def convert_visa(visa_root: str | os.PathLike, out_root: str | os.PathLike,
 # value the defect changed: changes below 1.5/255 are snapped back to the defect-free value, so
 # every masked pixel differs by at least one grey level after rounding (the sensor noise is the
 # same in both), and no pixel outside the mask differs at all.
+#
+# Visibility: a pixel defect (scratch, hole, stain, contamination, crack) must change its pixels by
+# at least ``_VISIBLE`` times the texture's own variation around it (mean RGB change inside the
+# mask over the luminance std of the defect-free ring around it), or it is redrawn. Version 1 had
+# no such rule: half of its weave stains changed the fabric by 0.3-0.6 of that variation, and
+# nobody could see them in the images (a defect no inspector could find is no test of a
+# detector). 0.75 keeps "low contrast" stains, all of which were visible at that ratio.
+# Logical defects (missing, swapped, chipped) are visible by construction.
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
+_SEED_VERSION = 1   # part of every sample's seed: kept while a version change leaves the draws alike
+_VISIBLE = 0.75
 
 SYNTHETIC_CATEGORIES: dict[str, dict] = {
     "weave": {"kind": "texture",
@@ -764,7 +774,7 @@ def _stable_id(name: str) -> int:
 
 def _sample_rngs(seed: int, category: str, split: str, defect: str, index: int):
     ss = np.random.SeedSequence([int(seed), _stable_id(category), _stable_id(split),
-                                 _stable_id(defect), int(index), SYNTHETIC_VERSION])
+                                 _stable_id(defect), int(index), _SEED_VERSION])
     base, dfx = ss.spawn(2)
     return np.random.default_rng(base), np.random.default_rng(dfx)
 
@@ -1202,6 +1212,15 @@ _PIXEL_DEFECTS = {"scratch": _d_scratch, "stain": _d_stain, "hole": _d_hole,
 _PARAM_DEFECTS = {"chipped": _d_chipped, "missing": _d_missing, "swapped": _d_swapped}
 
 
+def _visibility(out: np.ndarray, clean: np.ndarray, mask: np.ndarray) -> float:
+    """Mean RGB change inside ``mask`` over the luminance std of the defect-free ring (6 px)
+    around it: how much the defect stands out from the texture's own variation."""
+    ring = ndimage.binary_dilation(mask, iterations=6) & ~mask
+    texture = clean.mean(axis=-1)[ring].std() if ring.any() else 0.0
+    change = np.linalg.norm(out - clean, axis=-1)[mask].mean()
+    return float(change / max(texture, 1.0 / 255))
+
+
 def synth_sample(category: str, split: str, defect: str, index: int, *, seed: int = 0,
                  size: int = 128, apply_defect: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic sample: ``(image uint8 (S, S, 3), mask bool (S, S))``.
@@ -1230,7 +1249,8 @@ def synth_sample(category: str, split: str, defect: str, index: int, *, seed: in
     if defect != GOOD and apply_defect:
         support = support_fn(P, S) if support_fn is not None else None
         min_px = max(8, int(0.001 * S * S))
-        for _ in range(20):   # redraw (from the defect stream) a defect that changed too little
+        best = None
+        for _ in range(20):   # redraw (from the defect stream) a defect too small or too faint
             if defect in _PARAM_DEFECTS:
                 out = render(_PARAM_DEFECTS[defect](P, drng, S), S)
             else:
@@ -1238,8 +1258,15 @@ def synth_sample(category: str, split: str, defect: str, index: int, *, seed: in
             out = np.clip(out, _LO, _HI)
             change = np.abs(out - clean).max(axis=-1)
             mask = change >= _MIN_CHANGE
-            if mask.sum() >= min_px:
+            if mask.sum() < min_px:
+                continue
+            vis = np.inf if defect in _PARAM_DEFECTS else _visibility(out, clean, mask)
+            if best is None or vis > best[0]:
+                best = (vis, out, mask)
+            if vis >= _VISIBLE:
                 break
+        if best is not None:  # else: the last draw (too small after 20 tries; never seen)
+            _, out, mask = best
         img = np.where(mask[..., None], out, clean)
     u8 = np.clip(np.rint((img + noise) * 255), 0, 255).astype(np.uint8)
     return u8, mask
