@@ -75,3 +75,25 @@ def test_vit_teacher_takes_weights_from_the_local_hub_cache(tmp_path, monkeypatc
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.warns(UserWarning, match="random weights"):
         assert TimmViTTeacher(name, image_size=64).weights == "random"
+
+
+def test_autoencoder_map_is_normalised_per_position_on_training_stems():
+    """``position_profile`` divides the autoencoder map by its training mean per grid cell: on the
+    training stems the divided map is then flat (the corners no longer stand out), and the
+    student–teacher map is untouched."""
+    from raad.train import position_profile
+    torch.manual_seed(0)
+    det = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1)).eval()
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        stems, _ = det.teacher_features(x)
+        st0, ae0 = det.raw_maps(x)
+        raw = ae0.mean(0)
+        position_profile(det, stems)
+        st1, ae1 = det.raw_maps(x)
+    assert torch.allclose(st1, st0)
+    assert torch.allclose(det.ae_pos[0], raw / raw.mean(), rtol=1e-4)
+    assert torch.allclose(ae1, ae0 / det.ae_pos, rtol=1e-4)
+    spread_before = (raw.max() / raw.min()).item()
+    flat = ae1.mean(0)
+    assert spread_before > 1.2 and torch.allclose(flat, flat.mean().expand_as(flat), rtol=1e-3)
