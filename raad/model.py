@@ -309,12 +309,15 @@ class Detector(nn.Module):
         st = (t - s).pow(2).mean(dim=1)
         if self.ae is None:
             return st, None
-        a = self.ae(stem)
-        ae = (a - s_ae).pow(2).mean(dim=1)
+        ae = self.ae_error(stem, s_ae)
         pos = self.ae_pos
         if pos.shape[-2:] != ae.shape[-2:]:  # an image size other than the fitted one
             pos = F.interpolate(pos[:, None], size=ae.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return st, ae / pos
+
+    def ae_error(self, stem, s_ae):
+        """The student–autoencoder squared discrepancy per patch, before ``ae_pos``."""
+        return (self.ae(stem) - s_ae).pow(2).mean(dim=1)
 
     def combine(self, st, ae):
         """Quantile-normalised (0 at q_a, 0.1 at q_b, as EfficientAD) and averaged."""

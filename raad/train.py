@@ -132,21 +132,19 @@ def position_profile(det: Detector, stems: torch.Tensor, batch: int = 8):
     stems, scaled to mean 1. Set before the quantiles, which are taken on the divided map."""
     if det.ae is None:
         return
-    det.ae_pos.fill_(1.0)
     total = 0.0
     for i in range(0, len(stems), batch):
-        _, s_ae = det.student(stems[i:i + batch])
-        total = total + (det.ae(stems[i:i + batch]) - s_ae).pow(2).mean(dim=1).sum(dim=0, keepdim=True)
+        chunk = stems[i:i + batch]
+        total = total + det.ae_error(chunk, det.student(chunk)[1]).sum(dim=0, keepdim=True)
     pos = total / len(stems)
     det.ae_pos.copy_((pos / pos.mean()).clamp_min(1e-3))
 
 
 @torch.no_grad()
-def calibrate(det: Detector, normals: torch.Tensor, batch: int = 8, stems: torch.Tensor | None = None):
-    """Quantile normalisation of both maps on held-out normal images (after the autoencoder's
-    per-position profile on the training ``stems``, when given)."""
-    if stems is not None:
-        position_profile(det, stems, batch)
+def calibrate(det: Detector, normals: torch.Tensor, stems: torch.Tensor, batch: int = 8):
+    """Quantile normalisation of both maps on held-out normal images, after the autoencoder's
+    per-position profile on the training ``stems``."""
+    position_profile(det, stems, batch)
     sts, aes = [], []
     for i in range(0, len(normals), batch):
         st, ae = det.raw_maps(normals[i:i + batch])
@@ -220,7 +218,7 @@ def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
     params = list(det.student.parameters()) + (list(det.ae.parameters()) if det.ae is not None else [])
     log = train(det, prep.stems, prep.targets, opts.steps, opts.lr, opts.batch_size, opts.seed, params,
                 desc="training student", show=show)
-    calibrate(det, prep.normals, stems=prep.stems)
+    calibrate(det, prep.normals, prep.stems)
     return log
 
 
@@ -244,7 +242,7 @@ def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOp
         log = train(det, prep.stems, prep.targets, opts.stage2_steps, opts.stage2_lr, opts.batch_size,
                     opts.seed + 1, list(det.student.parameters()), weights=weights,
                     desc="stage 2 (fake-quant)", show=show, ae_trainable=False)
-    calibrate(det, prep.normals, stems=prep.stems)
+    calibrate(det, prep.normals, prep.stems)
     return log
 
 
