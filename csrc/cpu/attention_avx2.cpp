@@ -112,6 +112,21 @@ __attribute__((noinline)) void qk_i8(const Plan& p, const int8_t* qg, const int8
   qk_finish(mx, bmax);
 }
 
+// Shared by the low-bit kernels (qk_i4, qk_i2): one query row r's step, its 4 int8 codes at
+// q + off broadcast against the unsigned key operands u0, u1 (two 8-key halves), int16 sums.
+#define RAAD_ROW(r, x0, x1, off)                                          \
+  {                                                                       \
+    const __m256i qb = _mm256_set1_epi32(load32(q + (off) + 4 * r));      \
+    x0 = _mm256_add_epi16(x0, _mm256_maddubs_epi16(u0, qb));              \
+    x1 = _mm256_add_epi16(x1, _mm256_maddubs_epi16(u1, qb));              \
+  }
+
+// The low-bit kernels' int16 block sums, widened to int32 and added to the tile's totals.
+inline void widen_add(__m256i (&tot)[4][2], const __m256i (&acc)[4][2], __m256i ones) {
+  for (int r = 0; r < 4; ++r)
+    for (int hh = 0; hh < 2; ++hh) tot[r][hh] = _mm256_add_epi32(tot[r][hh], _mm256_madd_epi16(acc[r][hh], ones));
+}
+
 // int4: bytes hold steps 2s (low nibble) and 2s+1 (high); (nibble ^ 8) = k + 8 is the unsigned
 // operand; int16 sums stay below 2^15 for 64 step pairs (64 · 2 · 2·15·7), then widen.
 __attribute__((noinline)) void qk_i4(const Plan& p, const int8_t* qg, const int8_t*, const float* rs,
@@ -140,12 +155,6 @@ __attribute__((noinline)) void qk_i4(const Plan& p, const int8_t* qg, const int8
         const __m256i raw0 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(k0)), x88);
         const __m256i raw1 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(k1)), x88);
         __m256i u0 = _mm256_and_si256(raw0, m0f), u1 = _mm256_and_si256(raw1, m0f);
-#define RAAD_ROW(r, x0, x1, off)                                          \
-  {                                                                       \
-    const __m256i qb = _mm256_set1_epi32(load32(q + (off) + 4 * r));      \
-    x0 = _mm256_add_epi16(x0, _mm256_maddubs_epi16(u0, qb));              \
-    x1 = _mm256_add_epi16(x1, _mm256_maddubs_epi16(u1, qb));              \
-  }
         RAAD_ROW(0, a00, a01, 0)
         RAAD_ROW(1, a10, a11, 0)
         RAAD_ROW(2, a20, a21, 0)
@@ -156,11 +165,9 @@ __attribute__((noinline)) void qk_i4(const Plan& p, const int8_t* qg, const int8
         RAAD_ROW(1, a10, a11, 16)
         RAAD_ROW(2, a20, a21, 16)
         RAAD_ROW(3, a30, a31, 16)
-#undef RAAD_ROW
       }
       const __m256i acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-      for (int r = 0; r < 4; ++r)
-        for (int hh = 0; hh < 2; ++hh) tot[r][hh] = _mm256_add_epi32(tot[r][hh], _mm256_madd_epi16(acc[r][hh], ones));
+      widen_add(tot, acc, ones);
     }
     qk_store<1, 8>(tot, qsum, rs, ks + c0, S + c0, c0, nv, mx);
   }
@@ -193,12 +200,6 @@ __attribute__((noinline)) void qk_i2(const Plan& p, const int8_t* qg, const int8
       for (int s = sb; s < se; ++s, k0 += 32, k1 += 32, q += 64) {
         const __m256i raw0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(k0));
         const __m256i raw1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(k1));
-#define RAAD_ROW(r, x0, x1, off)                                          \
-  {                                                                       \
-    const __m256i qb = _mm256_set1_epi32(load32(q + (off) + 4 * r));      \
-    x0 = _mm256_add_epi16(x0, _mm256_maddubs_epi16(u0, qb));              \
-    x1 = _mm256_add_epi16(x1, _mm256_maddubs_epi16(u1, qb));              \
-  }
 #define RAAD_STEP(t)                                                                  \
   {                                                                                   \
     const __m256i u0 = _mm256_and_si256(_mm256_srli_epi16(raw0, 2 * t), m3);          \
@@ -213,16 +214,16 @@ __attribute__((noinline)) void qk_i2(const Plan& p, const int8_t* qg, const int8
         RAAD_STEP(2)
         RAAD_STEP(3)
 #undef RAAD_STEP
-#undef RAAD_ROW
       }
       const __m256i acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-      for (int r = 0; r < 4; ++r)
-        for (int hh = 0; hh < 2; ++hh) tot[r][hh] = _mm256_add_epi32(tot[r][hh], _mm256_madd_epi16(acc[r][hh], ones));
+      widen_add(tot, acc, ones);
     }
     qk_store<2, 3>(tot, qsum, rs, ks + c0, S + c0, c0, nv, mx);
   }
   qk_finish(mx, bmax);
 }
+
+#undef RAAD_ROW
 
 // int2 on bit planes (attention_internal.h, Plan::kplanes): per query-key pair and 64 channels,
 // 4 XOR + 4 scalar popcnt (one word holding both planes when dpad <= 32: 2 XOR + 3 popcnt),
