@@ -25,24 +25,24 @@ static double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Each kernel runs `iters` steps of 8 independent accumulator chains (enough to hide latency)
+// Each kernel runs `iters` steps of independent accumulator chains (enough to hide latency)
 // and returns the multiply-accumulates it did.
 
-// Eight independent chains in named registers (arrays of vectors end up in memory); every
+// Independent chains in named registers (arrays of vectors end up in memory); every
 // chain has its own operand, and an empty asm statement makes the operands opaque each step, so
 // the compiler can neither hoist nor share the multiplies between chains.
 #define OPAQUE(x) __asm__ volatile("" : "+x"(x))
 // Integer kernels: 6 chains with their own operand each (6 + 6 + 3 registers of 16); the FMA
 // kernel: 12 chains on shared operands (a fused multiply-add cannot be shared), enough to cover
 // the FMA latency on two pipes.
-#define EIGHT(M) M(0) M(1) M(2) M(3) M(4) M(5)
+#define SIX(M) M(0) M(1) M(2) M(3) M(4) M(5)
 #define TWELVE(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 
 // int8 x int8 as the Q.K kernel does it: sign trick + vpmaddubsw + vpmaddwd(ones) + vpaddd
 // (|q| is precomputed, as in the kernel: 4 instructions per 32 MACs).
 __attribute__((noinline)) double k_i8_maddubs(long iters, int* sink) {
 #define DECL(c) __m256i acc##c = _mm256_setzero_si256(), k##c = _mm256_set1_epi8(char(c - 5));
-  EIGHT(DECL)
+  SIX(DECL)
 #undef DECL
   __m256i q = _mm256_set1_epi8(-3), qa = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   for (long i = 0; i < iters; ++i) {
@@ -51,12 +51,12 @@ __attribute__((noinline)) double k_i8_maddubs(long iters, int* sink) {
 #define STEP(c) \
   OPAQUE(k##c); \
   acc##c = _mm256_add_epi32(acc##c, _mm256_madd_epi16(_mm256_maddubs_epi16(qa, _mm256_sign_epi8(k##c, q)), ones));
-    EIGHT(STEP)
+    SIX(STEP)
 #undef STEP
   }
   __m256i t = acc0;
 #define SUM(c) t = _mm256_add_epi32(t, acc##c);
-  EIGHT(SUM)
+  SIX(SUM)
 #undef SUM
   *sink += _mm256_extract_epi32(t, 0);
   return double(iters) * 6 * 32;
@@ -65,7 +65,7 @@ __attribute__((noinline)) double k_i8_maddubs(long iters, int* sink) {
 // int16 x int16 pairs: vpmaddwd + vpaddd (int8 codes widened to 16 bits).
 __attribute__((noinline)) double k_i16_madd(long iters, int* sink) {
 #define DECL(c) __m256i acc##c = _mm256_setzero_si256(), k##c = _mm256_set1_epi16(short(c - 5));
-  EIGHT(DECL)
+  SIX(DECL)
 #undef DECL
   __m256i q = _mm256_set1_epi16(3);
   for (long i = 0; i < iters; ++i) {
@@ -73,12 +73,12 @@ __attribute__((noinline)) double k_i16_madd(long iters, int* sink) {
 #define STEP(c) \
   OPAQUE(k##c); \
   acc##c = _mm256_add_epi32(acc##c, _mm256_madd_epi16(q, k##c));
-    EIGHT(STEP)
+    SIX(STEP)
 #undef STEP
   }
   __m256i t = acc0;
 #define SUM(c) t = _mm256_add_epi32(t, acc##c);
-  EIGHT(SUM)
+  SIX(SUM)
 #undef SUM
   *sink += _mm256_extract_epi32(t, 0);
   return double(iters) * 6 * 16;
@@ -87,7 +87,7 @@ __attribute__((noinline)) double k_i16_madd(long iters, int* sink) {
 // Low-bit (int4/int2) form: vpmaddubsw accumulated in int16 (no widening per step).
 __attribute__((noinline)) double k_i8_maddubs_acc16(long iters, int* sink) {
 #define DECL(c) __m256i acc##c = _mm256_setzero_si256(), k##c = _mm256_set1_epi8(char(c + 1));
-  EIGHT(DECL)
+  SIX(DECL)
 #undef DECL
   __m256i q = _mm256_set1_epi8(-5);
   for (long i = 0; i < iters; ++i) {
@@ -95,12 +95,12 @@ __attribute__((noinline)) double k_i8_maddubs_acc16(long iters, int* sink) {
 #define STEP(c) \
   OPAQUE(k##c); \
   acc##c = _mm256_add_epi16(acc##c, _mm256_maddubs_epi16(k##c, q));
-    EIGHT(STEP)
+    SIX(STEP)
 #undef STEP
   }
   __m256i t = acc0;
 #define SUM(c) t = _mm256_add_epi16(t, acc##c);
-  EIGHT(SUM)
+  SIX(SUM)
 #undef SUM
   *sink += _mm256_extract_epi16(t, 0);
   return double(iters) * 6 * 32;
