@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -102,11 +103,13 @@ def build_parser():
     s = sub.add_parser("make-data", help="generate synthetic categories in the MVTec AD layout")
     s.add_argument("out")
     s.add_argument("--categories", nargs="*", default=None, help=f"from {sorted(D.SYNTHETIC_CATEGORIES)}")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--n-train", type=int, default=60)
-    s.add_argument("--n-test-good", type=int, default=10)
-    s.add_argument("--n-test-defect", type=int, default=8, help="test images per defect type")
+    made = {k: p.default for k, p in inspect.signature(D.make_synthetic).parameters.items()}
+    s.add_argument("--seed", type=int, default=made["seed"])
+    s.add_argument("--size", type=int, default=made["size"])
+    s.add_argument("--n-train", type=int, default=made["n_train"])
+    s.add_argument("--n-test-good", type=int, default=made["n_test_good"])
+    s.add_argument("--n-test-defect", type=int, default=made["n_test_defect"],
+                   help="test images per defect type")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_make_data)
 

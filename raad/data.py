@@ -1273,8 +1273,8 @@ def synth_sample(category: str, split: str, defect: str, index: int, *, seed: in
 
 
 def make_synthetic(out_root: str | os.PathLike, categories: Sequence[str] | None = None,
-                   seed: int = 0, n_train: int = 60, n_test_good: int = 10,
-                   n_test_defect: int = 8, size: int = 128, *,
+                   seed: int = 0, n_train: int = 60, n_test_good: int = 20,
+                   n_test_defect: int = 10, size: int = 128, *,
                    overwrite: bool = False) -> list[Path]:
     """Write synthetic categories in the MVTec layout under ``out_root``; return their folders.
 

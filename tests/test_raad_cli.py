@@ -135,6 +135,14 @@ def test_cli_defaults_are_the_library_defaults():
             (f.lr, f.steps, f.stage2_steps, f.batch_size, f.avg_bits, f.seed)
         assert (a.image_size, a.stride, a.embed_dim, a.depth, a.num_heads, a.teacher) == \
             (m.image_size, m.stride, m.embed_dim, m.depth, m.num_heads, m.teacher)
+    # `raad make-data` writes what `raad demo` and make_synthetic write
+    import inspect
+
+    import raad.data as D
+    a = build_parser().parse_args(["make-data", "out"])
+    lib = inspect.signature(D.make_synthetic).parameters
+    for name in ("seed", "size", "n_train", "n_test_good", "n_test_defect"):
+        assert getattr(a, name) == lib[name].default, name
 
 
 def test_demo_writes_table_report_and_heatmaps(tmp_path, monkeypatch, capsys):
