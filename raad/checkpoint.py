@@ -10,8 +10,8 @@ from pathlib import Path
 from .io import atomic_path, atomic_write_text
 
 RUN_FORMAT = "raad-run"
-RUN_VERSION = 3  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
-#                 3: per-position autoencoder map normalisation (ae_pos)
+RUN_VERSION = 4  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
+#                 3: per-position autoencoder map normalisation (ae_pos); 4: student border ring (st_pos)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"

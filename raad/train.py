@@ -7,7 +7,7 @@
    every patch), autoencoder reconstruction of the targets, and student imitation of the
    autoencoder.
 3. Held-out normal images set the quantile normalisation of both maps; the training images set
-   the autoencoder map's per-position normalisation (its corners are poorly reproduced).
+   their per-position profiles (the autoencoder's corners, the student's border ring).
 4. HQS scores the attention layers and allocates bits under ``avg_bits`` (see :mod:`raad.hqs`).
 5. Stage 1 swaps the attention for QuantAttention at the plan's bits (post-training).
 6. Stage 2 fine-tunes the student under fake quantization (straight-through estimator) at a low
@@ -127,24 +127,33 @@ def train(det: Detector, stems, targets, steps, lr, batch, seed, params, weights
 
 
 @torch.no_grad()
-def position_profile(det: Detector, stems: torch.Tensor, batch: int = 8):
-    """``det.ae_pos``: the autoencoder map's mean per grid position over (normalised) training
-    stems, scaled to mean 1. Set before the quantiles, which are taken on the divided map."""
-    if det.ae is None:
-        return
-    total = 0.0
+def position_profile(det: Detector, stems: torch.Tensor, targets: torch.Tensor, batch: int = 8):
+    """``det.st_pos`` and ``det.ae_pos`` from the (normalised) training stems and targets (see
+    :mod:`raad.model`): the autoencoder map's mean per position, scaled to mean 1; the student
+    map's border-ring mean relative to the interior's, where above 1, else 1. Set before the
+    quantiles, which are taken on the divided maps."""
+    st_sum, ae_sum = 0.0, 0.0
     for i in range(0, len(stems), batch):
         chunk = stems[i:i + batch]
-        total = total + det.ae_error(chunk, det.student(chunk)[1]).sum(dim=0, keepdim=True)
-    pos = total / len(stems)
-    det.ae_pos.copy_((pos / pos.mean()).clamp_min(1e-3))
+        s, s_ae = det.student(chunk)
+        st_sum = st_sum + det.st_error(targets[i:i + batch], s).sum(dim=0, keepdim=True)
+        if det.ae is not None:
+            ae_sum = ae_sum + det.ae_error(chunk, s_ae).sum(dim=0, keepdim=True)
+    ring = torch.ones_like(det.st_pos, dtype=torch.bool)
+    ring[:, 1:-1, 1:-1] = False
+    st = st_sum / len(stems)
+    det.st_pos.copy_(torch.where(ring, (st / st[~ring].mean()).clamp_min(1.0), torch.ones(())))
+    if det.ae is not None:
+        ae = ae_sum / len(stems)
+        det.ae_pos.copy_((ae / ae.mean()).clamp_min(1e-3))
 
 
 @torch.no_grad()
-def calibrate(det: Detector, normals: torch.Tensor, stems: torch.Tensor, batch: int = 8):
-    """Quantile normalisation of both maps on held-out normal images, after the autoencoder's
-    per-position profile on the training ``stems``."""
-    position_profile(det, stems, batch)
+def calibrate(det: Detector, normals: torch.Tensor, stems: torch.Tensor, targets: torch.Tensor,
+              batch: int = 8):
+    """Quantile normalisation of both maps on held-out normal images, after their per-position
+    profiles on the training ``stems`` and ``targets``."""
+    position_profile(det, stems, targets, batch)
     sts, aes = [], []
     for i in range(0, len(normals), batch):
         st, ae = det.raw_maps(normals[i:i + batch])
@@ -163,7 +172,7 @@ def discrepancy_weights(det: Detector, stems, targets, batch: int = 8):
     ds = []
     for i in range(0, len(stems), batch):
         s, _ = det.student(stems[i:i + batch])
-        ds.append((targets[i:i + batch] - s).pow(2).mean(dim=1))
+        ds.append(det.st_error(targets[i:i + batch], s))
     d = torch.cat(ds)
     return 1.0 + d / d.mean().clamp_min(1e-12)
 
@@ -218,7 +227,7 @@ def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
     params = list(det.student.parameters()) + (list(det.ae.parameters()) if det.ae is not None else [])
     log = train(det, prep.stems, prep.targets, opts.steps, opts.lr, opts.batch_size, opts.seed, params,
                 desc="training student", show=show)
-    calibrate(det, prep.normals, prep.stems)
+    calibrate(det, prep.normals, prep.stems, prep.targets)
     return log
 
 
@@ -242,7 +251,7 @@ def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOp
         log = train(det, prep.stems, prep.targets, opts.stage2_steps, opts.stage2_lr, opts.batch_size,
                     opts.seed + 1, list(det.student.parameters()), weights=weights,
                     desc="stage 2 (fake-quant)", show=show, ae_trainable=False)
-    calibrate(det, prep.normals, prep.stems)
+    calibrate(det, prep.normals, prep.stems, prep.targets)
     return log
 
 

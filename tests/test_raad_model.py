@@ -77,23 +77,33 @@ def test_vit_teacher_takes_weights_from_the_local_hub_cache(tmp_path, monkeypatc
         assert TimmViTTeacher(name, image_size=64).weights == "random"
 
 
-def test_autoencoder_map_is_normalised_per_position_on_training_stems():
-    """``position_profile`` divides the autoencoder map by its training mean per grid cell: on the
-    training stems the divided map is then flat (the corners no longer stand out), and the
-    student–teacher map is untouched."""
+def test_maps_are_normalised_per_position_on_training_data():
+    """``position_profile``: the autoencoder map is divided by its training mean per grid cell
+    (on the training stems the divided map is then flat), the student map only on its border
+    ring, by the ring's mean relative to the interior's where that is above 1."""
     from raad.train import position_profile
     torch.manual_seed(0)
     det = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1)).eval()
     x = torch.randn(6, 3, 64, 64)
     with torch.no_grad():
-        stems, _ = det.teacher_features(x)
+        stems, targets = det.teacher_features(x)
         st0, ae0 = det.raw_maps(x)
-        raw = ae0.mean(0)
-        position_profile(det, stems)
+        # a student whose border is 3x worse on the left column and 0.5x on the right one
+        gain = torch.ones(1, 1, 8, 8)
+        gain[..., 0], gain[..., -1] = 3 ** 0.5, 0.5 ** 0.5
+        targets = targets + (gain - 1) * (targets - det.student(stems)[0])
+        st_raw = Detector.st_error(targets, det.student(stems)[0]).mean(0)
+        ae_raw = ae0.mean(0)
+        position_profile(det, stems, targets)
         st1, ae1 = det.raw_maps(x)
-    assert torch.allclose(st1, st0)
-    assert torch.allclose(det.ae_pos[0], raw / raw.mean(), rtol=1e-4)
+    interior = st_raw[1:-1, 1:-1].mean()
+    pos = det.st_pos[0]
+    assert torch.equal(pos[1:-1, 1:-1], torch.ones(6, 6))          # interior untouched
+    assert torch.allclose(pos[1:-1, 0], st_raw[1:-1, 0] / interior, rtol=1e-4)  # noisy border: divided
+    assert (pos[1:-1, 0] > 2).all() and torch.equal(pos[1:-1, -1], torch.ones(6))  # quiet: never amplified
+    assert torch.allclose(st1, st0 / pos, rtol=1e-4)
+    assert torch.allclose(det.ae_pos[0], ae_raw / ae_raw.mean(), rtol=1e-4)
     assert torch.allclose(ae1, ae0 / det.ae_pos, rtol=1e-4)
-    spread_before = (raw.max() / raw.min()).item()
     flat = ae1.mean(0)
-    assert spread_before > 1.2 and torch.allclose(flat, flat.mean().expand_as(flat), rtol=1e-3)
+    assert (ae_raw.max() / ae_raw.min()).item() > 1.2
+    assert torch.allclose(flat, flat.mean().expand_as(flat), rtol=1e-3)
