@@ -106,17 +106,22 @@ class Build(BuildExtension):
             self.build_temp = str(ROOT / "build" / "temp")
 
     def build_extensions(self):
+        from concurrent.futures import ThreadPoolExecutor
         for ext in self.extensions:
-            isa_objs = []
+            jobs = []
             for src in list(ext.sources):
                 for tag, flags in ISA_FLAGS.items():
                     if tag in Path(src).stem:
                         ext.sources.remove(src)
-                        isa_objs += self.compiler.compile(
-                            [src], output_dir=self.build_temp,
-                            include_dirs=ext.include_dirs + self._torch_includes(),
-                            extra_postargs=CXX_FLAGS + ["-fPIC"] + flags)
+                        jobs.append((src, flags))
                         break
+            # one compiler process per ISA file, side by side (each takes tens of seconds)
+            with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+                objs = pool.map(lambda job: self.compiler.compile(
+                    [job[0]], output_dir=self.build_temp,
+                    include_dirs=ext.include_dirs + self._torch_includes(),
+                    extra_postargs=CXX_FLAGS + ["-fPIC"] + job[1]), jobs)
+                isa_objs = [o for group in objs for o in group]
             ext.extra_objects = list(ext.extra_objects or []) + isa_objs
         super().build_extensions()
 
