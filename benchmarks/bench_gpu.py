@@ -161,17 +161,20 @@ def run(args):
     t_start = time.perf_counter()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     complete = True
-    for d in HEAD_DIMS:
-        for (b, h, n) in shapes:
-            left = args.budget - (time.perf_counter() - t_start)
-            if left < 15:
-                complete = False
-                rows.append({"shape": [b, h, n, d], "method": "-", "error": "skipped: time budget spent"})
-                continue
-            shape_rows = bench_shape(b, h, n, d, dev, l2, sage, status, args, min(left - 10, 60))
-            rows += shape_rows
-            targets += check_targets(shape_rows, (b, h, n, d), sage is not None)
-            write(out_dir, meta, rows, targets, complete=False)
+    todo = [(b, h, n, d) for d in HEAD_DIMS for (b, h, n) in shapes]
+    for i, (b, h, n, d) in enumerate(todo):
+        left = args.budget - (time.perf_counter() - t_start)
+        if left < 15:
+            complete = False
+            rows.append({"shape": [b, h, n, d], "method": "-", "error": "skipped: time budget spent"})
+            continue
+        # an equal share of what is left for the timing loop (compiles and the float64
+        # reference take part of each share too), so every shape gets its turn
+        share = (left - 10) / (len(todo) - i)
+        shape_rows = bench_shape(b, h, n, d, dev, l2, sage, status, args, max(3.0, min(0.6 * share, 60)))
+        rows += shape_rows
+        targets += check_targets(shape_rows, (b, h, n, d), sage is not None)
+        write(out_dir, meta, rows, targets, complete=False)
     write(out_dir, meta, rows, targets, complete=complete)
     print((out_dir / "gpu_results.md").read_text())
 

@@ -1,6 +1,7 @@
 // Ceilings of this CPU for benchmarks/CPU_NOTES.md: the int8 dot-product peak of the AVX2
 // instruction sequences the CPU backend uses, the fp32 FMA peak, and the memory bandwidth
-// (STREAM-like copy and triad). Stand-alone (no torch):
+// (STREAM-like copy and triad); on CPUs with AVX-512 VNNI also the vpdpbusd and 512-bit FMA
+// peaks. Stand-alone (no torch):
 //   g++ -O3 -mavx2 -mfma -mf16c -fopenmp benchmarks/cpu_peak.cpp -o /tmp/cpu_peak && /tmp/cpu_peak
 // Prints per-core and all-core numbers (OMP_NUM_THREADS sets "all").
 #include <immintrin.h>
@@ -126,6 +127,51 @@ __attribute__((noinline)) double k_f32_fma(long iters, float* sink) {
   return double(iters) * 12 * 8;
 }
 
+// AVX-512 forms, compiled for their own target and run only where the CPU reports them (main):
+// vpdpbusd (unsigned x signed bytes, 4 products into each int32 lane: the avx512 Q.K kernel)
+// and the 512-bit fp32 FMA that SDPA's fp32 path can use.
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+AVX512_VNNI __attribute__((noinline)) double k_i8_vnni(long iters, int* sink) {
+#define DECL(c) __m512i acc##c = _mm512_setzero_si512(), k##c = _mm512_set1_epi8(char(c - 5));
+  SIX(DECL)
+#undef DECL
+  __m512i qa = _mm512_set1_epi8(3);
+  for (long i = 0; i < iters; ++i) {
+    OPAQUE(qa);
+#define STEP(c) \
+  __asm__ volatile("" : "+v"(k##c)); \
+  acc##c = _mm512_dpbusd_epi32(acc##c, qa, k##c);
+    SIX(STEP)
+#undef STEP
+  }
+  __m512i t = acc0;
+#define SUM(c) t = _mm512_add_epi32(t, acc##c);
+  SIX(SUM)
+#undef SUM
+  *sink += _mm512_reduce_add_epi32(t);
+  return double(iters) * 6 * 64;
+}
+
+__attribute__((target("avx512f"))) __attribute__((noinline)) double k_f32_fma512(long iters, int* sink) {
+#define DECL(c) __m512 acc##c = _mm512_set1_ps(0.001f * c);
+  TWELVE(DECL)
+#undef DECL
+  __m512 q = _mm512_set1_ps(1.0001f), k = _mm512_set1_ps(0.9999f);
+  for (long i = 0; i < iters; ++i) {
+    __asm__ volatile("" : "+v"(q));
+    __asm__ volatile("" : "+v"(k));
+#define STEP(c) acc##c = _mm512_fmadd_ps(q, k, acc##c);
+    TWELVE(STEP)
+#undef STEP
+  }
+  __m512 t = acc0;
+#define SUM(c) t = _mm512_add_ps(t, acc##c);
+  TWELVE(SUM)
+#undef SUM
+  *sink += int(_mm512_reduce_add_ps(t) == 12345.f);
+  return double(iters) * 12 * 16;
+}
+
 template <class F>
 static double rate(F f, int threads) {
   const long iters = 20'000'000;
@@ -198,6 +244,10 @@ int main() {
     std::printf("| int16 MAC, vpmaddwd+vpaddd                       | %3d | %8.1f GMAC/s |\n", t, rate(k_i16_madd, t) / 1e9);
     std::printf("| int8 MAC, vpmaddubsw+vpaddw (int4/int2 Q.K)      | %3d | %8.1f GMAC/s |\n", t, rate(k_i8_maddubs_acc16, t) / 1e9);
     std::printf("| fp32 FMA MAC, vfmadd231ps                        | %3d | %8.1f GMAC/s |\n", t, fma_rate(t) / 1e9);
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
+      std::printf("| int8 MAC, vpdpbusd zmm (avx512 int8 Q.K)         | %3d | %8.1f GMAC/s |\n", t, rate(k_i8_vnni, t) / 1e9);
+      std::printf("| fp32 FMA MAC, vfmadd231ps zmm                    | %3d | %8.1f GMAC/s |\n", t, rate(k_f32_fma512, t) / 1e9);
+    }
     if (t == all) bandwidth(t);
     if (all == 1) break;
   }

@@ -6,7 +6,7 @@
 # Run from the repository root (or anywhere: it cd's there). Steps, each logged, time-boxed and
 # continued past on failure:
 #   1. build the extensions in place for this GPU's architecture (setup.py build_ext --inplace);
-#   2. the `gpu` tests (pytest -m gpu);
+#   2. the `gpu` tests, and the Triton and API tests on the GPU (pytest, xdist when present);
 #   3. compute-sanitizer memcheck and racecheck on one small call of every CUDA kernel;
 #   4. the benchmark table (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and
 #      against SageAttention 1.0.6 when SAGE_WHEEL_DIR holds its wheel (installed offline into a
@@ -75,7 +75,7 @@ ARCH=$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 log "1. build: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
-T=$(step_timeout 200 240)
+T=$(step_timeout 200 260)
 if run_tb "$T" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   log "   build ok"
 else
@@ -97,9 +97,16 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 2. GPU tests
 # ---------------------------------------------------------------------------------------------
-T=$(step_timeout 150 180)
-log "2. pytest -m gpu (timeout ${T}s)"
-run_tb "$T" "$PY" -m pytest -q -m gpu --no-header -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1
+# The `gpu` tests (CUDA backend against the torch spec) and the Triton tests, which on a GPU run
+# the compiled kernels instead of the interpreter; pytest-xdist spreads them when it is there.
+T=$(step_timeout 180 150)
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n $(( $(nproc) > 8 ? 8 : $(nproc) ))"
+log "2. pytest -m gpu tests/ and tests/test_triton_backend.py on the GPU ${XDIST:+($XDIST) }(timeout ${T}s)"
+# -rfs --tb=short: each failure's reason; 2 OpenMP threads per worker (no oversubscription).
+run_tb "$T" env OMP_NUM_THREADS=2 "$PY" -m pytest -q $XDIST --no-header -p no:cacheprovider -rfs --tb=short \
+  -m "gpu or not slow" tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_api.py \
+  > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -15 "$OUT/gpu_tests.log" | tee -a "$LOG"
 if (( rc == 0 )); then log "   gpu tests passed"
@@ -115,7 +122,7 @@ if [[ -z "$SAN" ]]; then
   log "3. compute-sanitizer not found: skipped"
 else
   for tool in memcheck racecheck; do
-    if [[ $tool == memcheck ]]; then T=$(step_timeout 60 130); else T=$(step_timeout 60 80); fi
+    if [[ $tool == memcheck ]]; then T=$(step_timeout 50 120); else T=$(step_timeout 50 75); fi
     log "3. compute-sanitizer --tool $tool (timeout ${T}s)"
     echo "===== $tool =====" >> "$OUT/sanitizer.log"
     run_tb "$T" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 \
