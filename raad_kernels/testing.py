@@ -22,6 +22,15 @@ MAP_COS_FLOOR = {8: 0.999, 4: 0.99, 2: 0.90}
 #: A backend may be this much worse than the torch emulation (plus ABS_SLACK).
 REL_SLACK = 1.25
 ABS_SLACK = 1e-4
+#: The rule compares two error statistics over the output's elements. Below this many elements
+#: they are a few draws of the rounding: a flash kernel rounds 8-bit P against the running row
+#: maximum, the emulation against the final one, so either can land closer to float64 by luck
+#: (H200, 2026-11-28: 1 query × 1 value column, kernel 0.018 vs emulation 0.0049; the host
+#: emulator of the CUDA kernel and the Triton kernel give the same 0.018). Such outputs are held
+#: to the emulation itself instead, within TINY_EMU_TOL (300 random outputs of 1-64 elements in
+#: the CUDA host emulator: at most 0.015; that H200 case 0.023).
+RULE_MIN_ELEMENTS = 64
+TINY_EMU_TOL = 0.05
 
 
 def make_qkv(b, h, nq, d, nk=None, dv=None, *, dtype=torch.float32, device="cpu", seed=0,
@@ -79,10 +88,31 @@ def check_accuracy(out, emulated, ref, qk_bits: int, what: str = "backend", floo
     relative rule applies (the emulation itself may sit below the int2 floor there)."""
     assert torch.isfinite(out).all(), f"{what}: output has NaN/inf (unwritten or overflowed elements)"
     e, e_ref = error(out, ref), error(emulated, ref)
-    assert e.rel_l2 <= REL_SLACK * e_ref.rel_l2 + ABS_SLACK, \
-        f"{what}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
+    if out.numel() < RULE_MIN_ELEMENTS:
+        d = error(out, emulated)
+        assert d.rel_l2 <= TINY_EMU_TOL, \
+            f"{what}: {out.numel()} output elements, rel_l2 {d.rel_l2:.6f} from the emulation > {TINY_EMU_TOL}"
+    else:
+        assert e.rel_l2 <= REL_SLACK * e_ref.rel_l2 + ABS_SLACK, \
+            f"{what}: rel_l2 {e.rel_l2:.6f} > {REL_SLACK}× emulation {e_ref.rel_l2:.6f} + {ABS_SLACK}"
     assert not floor or e.cos >= COS_FLOOR[qk_bits], f"{what}: cos {e.cos:.6f} below the int{qk_bits} floor {COS_FLOOR[qk_bits]}"
     return e, e_ref
+
+
+def check_maps_agree(maps, emulated_maps, what: str = "backend", atol=2e-4, rtol=2e-3,
+                     max_off=0.01):
+    """A kernel computes the emulation's quantized scores, so its maps agree with the
+    emulation's to float rounding, except where a code flipped at a rounding tie: a GPU quantizer
+    divides with other rounding than torch (H200, Triton, bf16: 1 entropy value of 260 off by
+    0.013). So at most ``max_off`` of each map's values (and at least one) may differ by more."""
+    for n, m in maps.items():
+        e = emulated_maps[n].to(m.device)
+        off = ~torch.isclose(m, e, atol=atol, rtol=rtol)
+        allowed = max(1, int(max_off * m.numel()))
+        assert int(off.sum()) <= allowed, (
+            f"{what} map {n!r}: {int(off.sum())} of {m.numel()} values differ from the emulation by more "
+            f"than atol={atol}, rtol={rtol} (allowed {allowed}); largest difference "
+            f"{(m - e).abs().max().item():.3g}")
 
 
 def check_maps(maps, emulated_maps, ref_maps, qk_bits: int, what: str = "backend", floor: bool = True):

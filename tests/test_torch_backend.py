@@ -121,3 +121,29 @@ def test_scale_argument_is_used():
     ref = rk.attention_reference(q, k, v, scale=0.05)[0]
     assert error(a, ref).cos >= COS_FLOOR[8]
     assert error(a, rk.attention_reference(q, k, v)[0]).cos < error(a, ref).cos
+
+
+def test_accuracy_rule_holds_tiny_outputs_to_the_emulation():
+    """Below RULE_MIN_ELEMENTS the float64 ratio is replaced by agreement with the emulation:
+    the emulation passes, a perturbed output (or one of the wrong query) does not."""
+    from raad_kernels.testing import RULE_MIN_ELEMENTS, TINY_EMU_TOL, check_accuracy
+    q, k, v = make_qkv(1, 1, 1, 16, nk=69, dv=1, seed=1069)
+    emu = rk.quant_attention(q, k, v, qk_bits=8, pv_bits=8, backend="torch")
+    ref = rk.attention_reference(q, k, v)[0]
+    assert emu.numel() < RULE_MIN_ELEMENTS
+    check_accuracy(emu, emu, ref, 8, floor=False)
+    with pytest.raises(AssertionError, match="from the emulation"):
+        check_accuracy(emu * (1 + 2 * TINY_EMU_TOL), emu, ref, 8, floor=False)
+    with pytest.raises(AssertionError, match="from the emulation"):
+        check_accuracy(-emu, emu, ref, 8, floor=False)
+
+
+def test_maps_agree_check_allows_rare_rounding_flips_only():
+    from raad_kernels.testing import check_maps_agree
+    emu = {"entropy": torch.rand(2, 3, 100) + 1}
+    one_off = {"entropy": emu["entropy"].clone()}
+    one_off["entropy"][0, 0, 7] += 0.01
+    check_maps_agree(one_off, emu)  # 1 of 600: a flipped code
+    many_off = {"entropy": emu["entropy"] * 1.01}
+    with pytest.raises(AssertionError, match="600 of 600 values differ"):
+        check_maps_agree(many_off, emu)

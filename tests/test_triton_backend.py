@@ -18,7 +18,8 @@ import torch
 import raad_kernels as rk
 from raad_kernels import quant
 from raad_kernels.reference import MAP_NAMES, attention_reference
-from raad_kernels.testing import MAP_COS_FLOOR, check_accuracy, check_maps, error, make_qkv, poison_
+from raad_kernels.testing import (MAP_COS_FLOOR, check_accuracy, check_maps, check_maps_agree, error, make_qkv,
+                                  poison_)
 
 tb = pytest.importorskip("raad_kernels.triton")
 if not tb.status().runnable:
@@ -32,7 +33,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _maps_ok(maps, emaps, rmaps, qk_bits, names=MAP_NAMES, floor=True):
     """The DESIGN.md rule for each map (testing.check_maps) and, since the kernel computes the
-    same quantized scores as the emulation, agreement with the emulation's maps to fp32 rounding.
+    same quantized scores as the emulation, agreement with the emulation's maps to fp32 rounding
+    (testing.check_maps_agree: but for rare codes flipped at a rounding tie).
 
     The cosine floor of a map applies where the torch emulation itself meets it: at int2 the
     single-row ``cls`` map of the emulation drops below MAP_COS_FLOOR[2] on some realistic
@@ -41,9 +43,7 @@ def _maps_ok(maps, emaps, rmaps, qk_bits, names=MAP_NAMES, floor=True):
         emu_ok = error(emaps[n], rmaps[n]).cos >= MAP_COS_FLOOR[qk_bits]
         check_maps({n: maps[n]}, emaps, {n: rmaps[n]}, qk_bits, what="triton",
                    floor=floor and emu_ok)
-    for n in names:
-        torch.testing.assert_close(maps[n], emaps[n], atol=2e-4, rtol=2e-3,
-                                   msg=lambda s: f"map {n}: {s}")
+    check_maps_agree({n: maps[n] for n in names}, emaps, what="triton")
 
 
 def run_case(q, k, v, qk_bits, pv_bits, *, floor=True, maps=MAP_NAMES, **kw):
