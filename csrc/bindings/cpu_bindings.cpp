@@ -4,6 +4,8 @@
 // input is copied or converted up front.
 #include <torch/extension.h>
 
+#include "bindings/checks.h"
+
 #include <cmath>
 #include <optional>
 #include <string>
@@ -47,9 +49,9 @@ CpuIsa parse_isa(const std::optional<std::string>& isa) {
   else if (*isa == "avx2") want = CpuIsa::Avx2;
   else if (*isa == "avx512") want = CpuIsa::Avx512Vnni;
   else if (*isa == "amx") want = CpuIsa::Amx;
-  else TORCH_CHECK_VALUE(false, "isa must be None or one of 'portable', 'avx2', 'avx512', 'amx'; got '", *isa, "'");
+  else RAAD_CHECK_VALUE(false, "isa must be None or one of 'portable', 'avx2', 'avx512', 'amx'; got '", *isa, "'");
   const CpuIsa best = raad::best_isa();
-  TORCH_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(best), "isa='", *isa,
+  RAAD_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(best), "isa='", *isa,
                     "' is not supported by this CPU (best available: '", raad::isa_name(best), "')");
   return want;
 }
@@ -59,7 +61,7 @@ rc::DType dtype_of(const torch::Tensor& t, const char* name) {
     case torch::kFloat: return rc::DType::F32;
     case torch::kHalf: return rc::DType::F16;
     case torch::kBFloat16: return rc::DType::BF16;
-    default: TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(), "; allowed: float32, float16, bfloat16");
+    default: RAAD_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(), "; allowed: float32, float16, bfloat16");
   }
   return rc::DType::F32;
 }
@@ -83,29 +85,29 @@ Checked check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch
   const char* names[3] = {"q", "k", "v"};
   const torch::Tensor* ts[3] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i) {
-    TORCH_CHECK_TYPE(ts[i]->defined(), names[i], " must be a tensor");
-    TORCH_CHECK_VALUE(ts[i]->device().is_cpu(), names[i], " must be on the CPU for the cpu backend, got ",
+    RAAD_CHECK_TYPE(ts[i]->defined(), names[i], " must be a tensor");
+    RAAD_CHECK_VALUE(ts[i]->device().is_cpu(), names[i], " must be on the CPU for the cpu backend, got ",
                       ts[i]->device());
-    TORCH_CHECK_VALUE(ts[i]->dim() == 4, names[i], " must be 4-D (B, H, N, D) like SDPA, got shape ",
+    RAAD_CHECK_VALUE(ts[i]->dim() == 4, names[i], " must be 4-D (B, H, N, D) like SDPA, got shape ",
                       ts[i]->sizes());
     dtype_of(*ts[i], names[i]);
   }
-  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+  RAAD_CHECK_TYPE(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
                    "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(0) == v.size(0) && q.size(1) == k.size(1) && q.size(1) == v.size(1),
+  RAAD_CHECK_VALUE(q.size(0) == k.size(0) && q.size(0) == v.size(0) && q.size(1) == k.size(1) && q.size(1) == v.size(1),
                     "q, k, v must share batch and head dims (B, H), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK_VALUE(q.size(3) == k.size(3), "q and k must share the head dim D, got ", q.size(3), " and ", k.size(3));
-  TORCH_CHECK_VALUE(k.size(2) == v.size(2), "k and v must have the same number of tokens, got ", k.size(2), " and ",
+  RAAD_CHECK_VALUE(q.size(3) == k.size(3), "q and k must share the head dim D, got ", q.size(3), " and ", k.size(3));
+  RAAD_CHECK_VALUE(k.size(2) == v.size(2), "k and v must have the same number of tokens, got ", k.size(2), " and ",
                     v.size(2));
-  TORCH_CHECK_VALUE(q.size(2) >= 1, "q needs at least one token (N >= 1), got N = ", q.size(2));
-  TORCH_CHECK_VALUE(k.size(2) >= 1, "k needs at least one token (N >= 1), got N = ", k.size(2));
-  TORCH_CHECK_VALUE(q.size(3) >= 1 && v.size(3) >= 1, "head dims must be >= 1, got D = ", q.size(3), ", Dv = ",
+  RAAD_CHECK_VALUE(q.size(2) >= 1, "q needs at least one token (N >= 1), got N = ", q.size(2));
+  RAAD_CHECK_VALUE(k.size(2) >= 1, "k needs at least one token (N >= 1), got N = ", k.size(2));
+  RAAD_CHECK_VALUE(q.size(3) >= 1 && v.size(3) >= 1, "head dims must be >= 1, got D = ", q.size(3), ", Dv = ",
                     v.size(3));
-  TORCH_CHECK_VALUE(q.size(3) <= 4096 && v.size(3) <= 4096, "head dims above 4096 are not supported by the cpu "
+  RAAD_CHECK_VALUE(q.size(3) <= 4096 && v.size(3) <= 4096, "head dims above 4096 are not supported by the cpu "
                     "backend, got D = ", q.size(3), ", Dv = ", v.size(3));
-  TORCH_CHECK_VALUE(q.size(0) >= 1 && q.size(1) >= 1, "B and H must be >= 1, got ", q.sizes());
-  TORCH_CHECK_VALUE(qk_bits == 2 || qk_bits == 4 || qk_bits == 8, "qk_bits must be one of (2, 4, 8), got ", qk_bits);
-  TORCH_CHECK_VALUE(pv_bits == 8 || pv_bits == 16, "pv_bits must be one of (8, 16), got ", pv_bits);
+  RAAD_CHECK_VALUE(q.size(0) >= 1 && q.size(1) >= 1, "B and H must be >= 1, got ", q.sizes());
+  RAAD_CHECK_VALUE(qk_bits == 2 || qk_bits == 4 || qk_bits == 8, "qk_bits must be one of (2, 4, 8), got ", qk_bits);
+  RAAD_CHECK_VALUE(pv_bits == 8 || pv_bits == 16, "pv_bits must be one of (8, 16), got ", pv_bits);
 
   Checked c;
   rc::AttentionArgs& a = c.args;
@@ -117,7 +119,7 @@ Checked check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch
   a.qk_bits = int(qk_bits);
   a.pv_bits = int(pv_bits);
   if (scale.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, "scale must be a positive finite number, got ", *scale);
+    RAAD_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, "scale must be a positive finite number, got ", *scale);
     a.scale = float(*scale);
   } else {
     a.scale = float(1.0 / std::sqrt(double(a.D)));
@@ -126,16 +128,16 @@ Checked check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch
   a.rotate = rotate.has_value() ? *rotate : qk_bits < 8;
   if (attn_mask.has_value() && attn_mask->defined()) {
     const torch::Tensor& m = *attn_mask;
-    TORCH_CHECK_VALUE(m.device().is_cpu(), "attn_mask is on ", m.device(), ", q on cpu");
-    TORCH_CHECK_TYPE(m.scalar_type() == torch::kBool || m.scalar_type() == torch::kFloat ||
+    RAAD_CHECK_VALUE(m.device().is_cpu(), "attn_mask is on ", m.device(), ", q on cpu");
+    RAAD_CHECK_TYPE(m.scalar_type() == torch::kBool || m.scalar_type() == torch::kFloat ||
                          m.scalar_type() == torch::kHalf || m.scalar_type() == torch::kBFloat16,
                      "attn_mask must be bool (True = attend) or a float additive mask, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.dim() <= 4, "attn_mask must have at most 4 dims, got ", m.dim());
+    RAAD_CHECK_VALUE(m.dim() <= 4, "attn_mask must have at most 4 dims, got ", m.dim());
     torch::Tensor e;
     try {
       e = m.expand({a.B, a.H, a.Nq, a.Nk});
     } catch (const c10::Error&) {
-      TORCH_CHECK_VALUE(false, "attn_mask of shape ", m.sizes(), " does not broadcast to (B, H, Nq, Nk) = (", a.B,
+      RAAD_CHECK_VALUE(false, "attn_mask of shape ", m.sizes(), " does not broadcast to (B, H, Nq, Nk) = (", a.B,
                         ", ", a.H, ", ", a.Nq, ", ", a.Nk, ")");
     }
     c.mask = e;
@@ -158,20 +160,20 @@ py::tuple attention(const torch::Tensor& q, const torch::Tensor& k, const torch:
     int idx = -1;
     for (int i = 0; i < 3; ++i)
       if (n == map_names[i]) idx = i;
-    TORCH_CHECK_VALUE(idx >= 0, "return_maps: unknown map '", n, "'; allowed: ('cls', 'received', 'entropy')");
-    TORCH_CHECK_VALUE(!want[idx], "return_maps lists the map '", n, "' twice");
+    RAAD_CHECK_VALUE(idx >= 0, "return_maps: unknown map '", n, "'; allowed: ('cls', 'received', 'entropy')");
+    RAAD_CHECK_VALUE(!want[idx], "return_maps lists the map '", n, "' twice");
     want[idx] = true;
   }
 
   torch::Tensor o;
   if (out.has_value() && out->defined()) {
     o = *out;
-    TORCH_CHECK_VALUE(o.device().is_cpu(), "out must be on the CPU, got ", o.device());
-    TORCH_CHECK_TYPE(o.scalar_type() == q.scalar_type(), "out must have the dtype of q (", q.scalar_type(), "), got ",
+    RAAD_CHECK_VALUE(o.device().is_cpu(), "out must be on the CPU, got ", o.device());
+    RAAD_CHECK_TYPE(o.scalar_type() == q.scalar_type(), "out must have the dtype of q (", q.scalar_type(), "), got ",
                      o.scalar_type());
-    TORCH_CHECK_VALUE(o.sizes() == torch::IntArrayRef({a.B, a.H, a.Nq, a.Dv}), "out must have shape (B, H, Nq, Dv) = (",
+    RAAD_CHECK_VALUE(o.sizes() == torch::IntArrayRef({a.B, a.H, a.Nq, a.Dv}), "out must have shape (B, H, Nq, Dv) = (",
                       a.B, ", ", a.H, ", ", a.Nq, ", ", a.Dv, "), got ", o.sizes());
-    TORCH_CHECK_VALUE(o.is_contiguous(), "out must be contiguous");
+    RAAD_CHECK_VALUE(o.is_contiguous(), "out must be contiguous");
   } else {
     o = torch::empty({a.B, a.H, a.Nq, a.Dv}, q.options());
   }

@@ -6,6 +6,8 @@
 // host emulator of the kernels to CPU tensors, so this whole path runs without a GPU.
 #include <torch/extension.h>
 
+#include "bindings/checks.h"
+
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -36,15 +38,15 @@ constexpr const char* kMod = "raad_kernels._cuda";
 #define RAAD_CUDA_OK(expr)                                                                    \
   do {                                                                                        \
     cudaError_t err_ = (expr);                                                                \
-    TORCH_CHECK(err_ == cudaSuccess, kMod, ": ", #expr, " failed: ", cudaGetErrorString(err_)); \
+    RAAD_CHECK_RUNTIME(err_ == cudaSuccess, kMod, ": ", #expr, " failed: ", cudaGetErrorString(err_)); \
   } while (0)
 
 void check_device(const at::Tensor& t, const char* name) {
 #ifdef RAAD_EMU
-  TORCH_CHECK_VALUE(t.device().is_cpu(), kMod, ": ", name, " must be a CPU tensor in the emulator, got ",
+  RAAD_CHECK_VALUE(t.device().is_cpu(), kMod, ": ", name, " must be a CPU tensor in the emulator, got ",
                     t.device());
 #else
-  TORCH_CHECK_VALUE(t.is_cuda(), kMod, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
+  RAAD_CHECK_VALUE(t.is_cuda(), kMod, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
 #endif
 }
 
@@ -54,7 +56,7 @@ int dtype_code(const at::Tensor& t, const char* name) {
     case at::kHalf: return rc::kF16;
     case at::kBFloat16: return rc::kBF16;
     default:
-      TORCH_CHECK_TYPE(false, kMod, ": ", name, " has dtype ", t.scalar_type(),
+      RAAD_CHECK_TYPE(false, kMod, ": ", name, " has dtype ", t.scalar_type(),
                        "; allowed: float32, float16, bfloat16");
   }
   return -1;
@@ -86,7 +88,7 @@ struct Workspace {
 
 void check_4d(const at::Tensor& t, const char* name) {
   check_device(t, name);
-  TORCH_CHECK_VALUE(t.dim() == 4, kMod, ": ", name, " must be 4-D (B, H, N, D), got shape ", t.sizes());
+  RAAD_CHECK_VALUE(t.dim() == 4, kMod, ": ", name, " must be 4-D (B, H, N, D), got shape ", t.sizes());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,10 +97,10 @@ void check_4d(const at::Tensor& t, const char* name) {
 std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t bits, bool rotate, bool smooth) {
   check_4d(x_in, "x");
   const int dt = dtype_code(x_in, "x");
-  TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, kMod, ": bits must be one of (2, 4, 8), got ", bits);
+  RAAD_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, kMod, ": bits must be one of (2, 4, 8), got ", bits);
   const int64_t b = x_in.size(0), h = x_in.size(1), n = x_in.size(2), d = x_in.size(3);
-  TORCH_CHECK_VALUE(d >= 1 && d <= 256, kMod, ": head dim of x must be in [1, 256], got ", d);
-  TORCH_CHECK_VALUE(n >= 1, kMod, ": x needs at least one token");
+  RAAD_CHECK_VALUE(d >= 1 && d <= 256, kMod, ": head dim of x must be in [1, 256], got ", d);
+  RAAD_CHECK_VALUE(n >= 1, kMod, ": x needs at least one token");
 #ifndef RAAD_EMU
   c10::cuda::CUDAGuard guard(x_in.device());
 #endif
@@ -137,27 +139,27 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> attention(
   check_4d(k_in, "k");
   check_4d(v_in, "v");
   const int dt = dtype_code(q_in, "q");
-  TORCH_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+  RAAD_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
                    kMod, ": q, k, v must share a dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(),
                    ", ", v_in.scalar_type());
-  TORCH_CHECK_VALUE(k_in.device() == q_in.device() && v_in.device() == q_in.device(), kMod,
+  RAAD_CHECK_VALUE(k_in.device() == q_in.device() && v_in.device() == q_in.device(), kMod,
                     ": q, k, v must be on one device, got ", q_in.device(), ", ", k_in.device(), ", ",
                     v_in.device());
-  TORCH_CHECK_VALUE(qk_bits == 2 || qk_bits == 4 || qk_bits == 8, kMod,
+  RAAD_CHECK_VALUE(qk_bits == 2 || qk_bits == 4 || qk_bits == 8, kMod,
                     ": qk_bits must be one of (2, 4, 8), got ", qk_bits);
-  TORCH_CHECK_VALUE(pv_bits == 8 || pv_bits == 16, kMod, ": pv_bits must be one of (8, 16), got ", pv_bits);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kMod, ": scale must be positive and finite, got ", scale);
+  RAAD_CHECK_VALUE(pv_bits == 8 || pv_bits == 16, kMod, ": pv_bits must be one of (8, 16), got ", pv_bits);
+  RAAD_CHECK_VALUE(std::isfinite(scale) && scale > 0, kMod, ": scale must be positive and finite, got ", scale);
   const int64_t b = q_in.size(0), h = q_in.size(1), nq = q_in.size(2), d = q_in.size(3);
   const int64_t nk = k_in.size(2), dv = v_in.size(3);
-  TORCH_CHECK_VALUE(k_in.size(0) == b && k_in.size(1) == h && v_in.size(0) == b && v_in.size(1) == h, kMod,
+  RAAD_CHECK_VALUE(k_in.size(0) == b && k_in.size(1) == h && v_in.size(0) == b && v_in.size(1) == h, kMod,
                     ": q, k, v must share (B, H), got ", q_in.sizes(), ", ", k_in.sizes(), ", ", v_in.sizes());
-  TORCH_CHECK_VALUE(k_in.size(3) == d, kMod, ": q and k must share the head dim, got ", d, " and ", k_in.size(3));
-  TORCH_CHECK_VALUE(v_in.size(2) == nk, kMod, ": k and v must have the same number of tokens, got ", nk,
+  RAAD_CHECK_VALUE(k_in.size(3) == d, kMod, ": q and k must share the head dim, got ", d, " and ", k_in.size(3));
+  RAAD_CHECK_VALUE(v_in.size(2) == nk, kMod, ": k and v must have the same number of tokens, got ", nk,
                     " and ", v_in.size(2));
-  TORCH_CHECK_VALUE(nq >= 1 && nk >= 1, kMod, ": q and k need at least one token, got Nq=", nq, ", Nk=", nk);
-  TORCH_CHECK_VALUE(d >= 1 && d <= 256, kMod, ": the cuda backend supports q/k head dims 1..256, got ", d);
-  TORCH_CHECK_VALUE(dv >= 1 && dv <= 256, kMod, ": the cuda backend supports v head dims 1..256, got ", dv);
-  TORCH_CHECK_VALUE(nq < (1LL << 30) && nk < (1LL << 30), kMod, ": sequence too long");
+  RAAD_CHECK_VALUE(nq >= 1 && nk >= 1, kMod, ": q and k need at least one token, got Nq=", nq, ", Nk=", nk);
+  RAAD_CHECK_VALUE(d >= 1 && d <= 256, kMod, ": the cuda backend supports q/k head dims 1..256, got ", d);
+  RAAD_CHECK_VALUE(dv >= 1 && dv <= 256, kMod, ": the cuda backend supports v head dims 1..256, got ", dv);
+  RAAD_CHECK_VALUE(nq < (1LL << 30) && nk < (1LL << 30), kMod, ": sequence too long");
 #ifndef RAAD_EMU
   c10::cuda::CUDAGuard guard(q_in.device());
 #endif
@@ -174,12 +176,12 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> attention(
   if (out_opt.has_value() && out_opt->defined()) {
     out = *out_opt;
     check_device(out, "out");
-    TORCH_CHECK_VALUE(out.device() == q.device(), kMod, ": out is on ", out.device(), ", q on ", q.device());
-    TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), kMod, ": out must have q's dtype ", q.scalar_type(),
+    RAAD_CHECK_VALUE(out.device() == q.device(), kMod, ": out is on ", out.device(), ", q on ", q.device());
+    RAAD_CHECK_TYPE(out.scalar_type() == q.scalar_type(), kMod, ": out must have q's dtype ", q.scalar_type(),
                      ", got ", out.scalar_type());
-    TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef({b, h, nq, dv}), kMod, ": out must have shape (",
+    RAAD_CHECK_VALUE(out.sizes() == at::IntArrayRef({b, h, nq, dv}), kMod, ": out must have shape (",
                       b, ", ", h, ", ", nq, ", ", dv, "), got ", out.sizes());
-    TORCH_CHECK_VALUE(out.is_contiguous(), kMod, ": out must be contiguous");
+    RAAD_CHECK_VALUE(out.is_contiguous(), kMod, ": out must be contiguous");
   } else {
     out = at::empty({b, h, nq, dv}, q.options());
   }
@@ -195,8 +197,8 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> attention(
   if (attn_mask.has_value() && attn_mask->defined()) {
     const at::Tensor& m = *attn_mask;
     check_device(m, "attn_mask");
-    TORCH_CHECK_VALUE(m.device() == q.device(), kMod, ": attn_mask is on ", m.device(), ", q on ", q.device());
-    TORCH_CHECK_VALUE(m.dim() <= 4, kMod, ": attn_mask must have at most 4 dims, got ", m.dim());
+    RAAD_CHECK_VALUE(m.device() == q.device(), kMod, ": attn_mask is on ", m.device(), ", q on ", q.device());
+    RAAD_CHECK_VALUE(m.dim() <= 4, kMod, ": attn_mask must have at most 4 dims, got ", m.dim());
     if (m.scalar_type() == at::kBool) {
       bias = at::zeros(m.sizes(), f32).masked_fill(m.logical_not(), -INFINITY);
     } else {
