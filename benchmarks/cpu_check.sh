@@ -21,22 +21,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/cpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-START=$(date +%s)
+NAME=cpu_check
 BUDGET=${CPU_CHECK_BUDGET_S:-200}
-DEADLINE=$((START + BUDGET))
-LOG="$OUT/cpu_check.log"
-: > "$LOG"
-FAIL=0
+source benchmarks/check_common.sh
 THREADS=$(nproc)
-
-log() { echo "[cpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
-left() { echo $(( DEADLINE - $(date +%s) )); }
-step_timeout() {  # WANTED RESERVE -> seconds for this step, RESERVE kept for the later ones
-  local t=$(( $(left) - $2 ))
-  (( t > $1 )) && t=$1
-  (( t < 5 )) && t=5
-  echo "$t"
-}
 
 log "start: $(date -u +%FT%TZ) on $(hostname); $THREADS CPUs; budget ${BUDGET}s"
 { lscpu | grep -E "^(Model name|Vendor ID|CPU\(s\)|Thread|Core|Socket|L1d|L2|L3|NUMA node\(s\))"

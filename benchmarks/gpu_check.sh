@@ -22,22 +22,9 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 SAGE_DIR="${1:-}"
-START=$(date +%s)
+NAME=gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
-DEADLINE=$((START + BUDGET))
-LOG="$OUT/gpu_check.log"
-: > "$LOG"
-FAIL=0
-
-log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
-left() { echo $(( DEADLINE - $(date +%s) )); }
-# step_timeout WANTED RESERVE: WANTED seconds, cut so RESERVE seconds stay for later steps
-step_timeout() {
-  local t=$(( $(left) - $2 ))
-  (( t > $1 )) && t=$1
-  (( t < 5 )) && t=5
-  echo "$t"
-}
+source benchmarks/check_common.sh
 
 # run_tb SECONDS CMD...: CMD in its own process group, the whole group ended after SECONDS (so a
 # timed-out build takes its compilers with it). Returns CMD's status, 124 on timeout.
