@@ -9,6 +9,8 @@ without a GPU: ``python -m raad_kernels.triton._aot``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import triton  # noqa: F401  ImportError here means: not built
@@ -16,6 +18,7 @@ import triton  # noqa: F401  ImportError here means: not built
 from ._common import INTERPRET
 
 
+@functools.cache  # fixed once the kernels are imported; asked on every call by the dispatcher
 def status():
     from ..dispatch import BackendStatus
     if INTERPRET:

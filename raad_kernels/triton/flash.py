@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from ._common import INTERPRET, LOG2E, MAX_HEAD_DIM, load_codes, next_pow2, rne_small, round_bf16
+from ._common import (INTERPRET, LOG2E, MAX_HEAD_DIM, cdiv, load_codes, next_pow2, placeholder, rne_small,
+                      round_bf16)
 from .quantize import code_width, column_stats, quantize_qk
 
 
@@ -290,7 +291,7 @@ def _autotuned_fwd():
 def _mask_args(attn_mask, shape, device):
     """(tensor, strides, is_bool) of the mask broadcast to ``shape`` through strides."""
     if attn_mask is None:
-        return torch.empty(1, dtype=torch.float32, device=device), (0, 0, 0, 0), False
+        return placeholder(torch.float32, device), (0, 0, 0, 0), False
     if attn_mask.dtype == torch.bool:
         m = attn_mask.view(torch.int8) if attn_mask.dim() > 0 else attn_mask.to(torch.int8)
         is_bool = True
@@ -351,7 +352,7 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
     for name, shape in (("cls", (b, h, nk)), ("received", (b, h, nk)), ("entropy", (b, h, nq))):
         if name in maps and name not in maps_out:
             maps_out[name] = torch.empty(*shape, **f32)
-    dummy = torch.empty(1, **f32)
+    dummy = placeholder(torch.float32, dev)
     col_maps = "cls" in maps or "received" in maps
     lse = torch.empty(b, h, nq, **f32) if col_maps else dummy
 
@@ -370,15 +371,15 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
                   PV_BF16=q.dtype == torch.bfloat16, INTERP=INTERPRET,
                   WRITE_LSE=col_maps, WRITE_ENT="entropy" in maps)
     if autotune:
-        _autotuned_fwd()[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](*args, **consts)
+        _autotuned_fwd()[lambda meta: (cdiv(nq, meta["BLOCK_M"]) * b * h,)](*args, **consts)
     else:
-        _attn_fwd_kernel[(triton.cdiv(nq, bm) * b * h,)](
+        _attn_fwd_kernel[(cdiv(nq, bm) * b * h,)](
             *args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
     if col_maps:
         # Transposed roles: a key block per program, query blocks streamed.
         rbm, rbn = (bn, bm) if block_m is None and block_n is None else (bm, bn)
         rbn = max(rbn, 16)
-        _attn_colmaps_kernel[(triton.cdiv(nk, rbn) * b * h,)](
+        _attn_colmaps_kernel[(cdiv(nk, rbn) * b * h,)](
             qc, qsc, kc, ksc, mask_t, lse, maps_out.get("cls", dummy),
             maps_out.get("received", dummy), qk_scale, nq, nk, h, smb, smh, smm, smn,
             QK_BITS=qk_bits, DPT=dpt, D_EFF=d_eff, HAS_MASK=mask_kind, MASK_BOOL=mask_bool,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from ._common import INTERPRET, next_pow2, per_byte, rne, round_to_grid
+from ._common import INTERPRET, cdiv, next_pow2, per_byte, placeholder, rne, round_to_grid
 
 _GRIDS: dict = {}
 
@@ -134,7 +134,7 @@ def column_stats(k: torch.Tensor | None, v: torch.Tensor | None, dvp: int | None
     b, h, nk = x.shape[:3]
     dev = x.device
     bh = b * h
-    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    dummy = placeholder(torch.float32, dev)
     km = vq = None
     widths = []
     if k is not None:
@@ -145,18 +145,17 @@ def column_stats(k: torch.Tensor | None, v: torch.Tensor | None, dvp: int | None
         vq = (torch.empty(b, h, nk, dvp, dtype=torch.int8, device=dev),
               torch.empty(b, h, dvp, dtype=torch.float32, device=dev),
               torch.empty(b, h, dvp, dtype=torch.float32, device=dev),
-              torch.empty(b, h, triton.cdiv(nk, block_n), dvp, dtype=torch.int32, device=dev))
+              torch.empty(b, h, cdiv(nk, block_n), dvp, dtype=torch.int32, device=dev))
         widths.append(dvp)
     block_d = min(64, next_pow2(max(widths)))
-    nblk_dk = triton.cdiv(k.shape[-1], block_d) if k is not None else 1
-    nblk_dv = triton.cdiv(dvp, block_d) if v is not None else 1
+    nblk_dk = cdiv(k.shape[-1], block_d) if k is not None else 1
+    nblk_dv = cdiv(dvp, block_d) if v is not None else 1
     n_k = bh * nblk_dk if k is not None else 0
     n_v = bh * nblk_dv if v is not None else 0
     kk = k if k is not None else v
     vv = v if v is not None else k
     vc, vs, vm, vsum = vq if vq is not None else (
-        torch.empty(1, dtype=torch.int8, device=dev), dummy, dummy,
-        torch.empty(1, dtype=torch.int32, device=dev))
+        placeholder(torch.int8, dev), dummy, dummy, placeholder(torch.int32, dev))
     _column_stats_kernel[(n_k + n_v,)](
         kk, km if km is not None else dummy, vv, vc, vs, vm, vsum,
         nk, kk.shape[-1], vv.shape[-1], h, *kk.stride(), *vv.stride(),
@@ -305,8 +304,8 @@ def quantize_qk(q: torch.Tensor | None, k: torch.Tensor, bits: int, *, smooth: b
     else:
         nq, qc, qs = 1, kc, ks
     block_r = _row_block(dpt)
-    nblk_q = triton.cdiv(nq, block_r) if q is not None else 0
-    nblk_k = triton.cdiv(nk, block_r)
+    nblk_q = cdiv(nq, block_r) if q is not None else 0
+    nblk_k = cdiv(nk, block_r)
     log2_rot = (d_eff.bit_length() - 1) if rotate else 0
     grid_t = _clip_grid(bits, dev) if bits != 8 else _clip_grid(4, dev)
     qq = q if q is not None else k
