@@ -8,11 +8,12 @@
 #   1. build the extensions in place for this GPU's architecture (setup.py build_ext --inplace);
 #   2. the `gpu` tests, and the Triton and API tests on the GPU (pytest, xdist when present);
 #   3. compute-sanitizer memcheck and racecheck on one small call of every CUDA kernel;
-#   4. the benchmark table (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and
+#   4. benchmarks/profile_gpu.py (kernels and host time of one small call), then the benchmark
+#      table (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and
 #      against SageAttention 1.0.6 when SAGE_WHEEL_DIR holds its wheel (installed offline into a
 #      temporary folder, --no-deps --no-index);
 #   5. results under $OUT (default ./gpu_check_out): gpu_results.md, gpu_results.json, and the
-#      logs gpu_check.log, build.log, gpu_tests.log, sanitizer.log, bench.log.
+#      logs gpu_check.log, build.log, gpu_tests.log, sanitizer.log, profile.log, bench.log.
 # The whole run is budgeted to finish within 8 minutes (GPU_CHECK_BUDGET_S, default 460 s);
 # the exit code is non-zero when the build, a test or a sanitizer check failed.
 set -u -o pipefail
@@ -140,6 +141,11 @@ if [[ -n "$SAGE_DIR" ]]; then
     log "4. no sageattention wheel in $SAGE_DIR: benchmarking without it"
   fi
 fi
+# where a ViT-sized call's time goes: the kernels it launches and its host time (seconds)
+T=$(step_timeout 30 60)
+log "4. profile_gpu.py at 8x6x197x64 (timeout ${T}s)"
+run_tb "$T" "$PY" benchmarks/profile_gpu.py > "$OUT/profile.log" 2>&1
+grep -E "host .* ms/call" "$OUT/profile.log" | tee -a "$LOG"
 T=$(( $(left) - 10 ))
 if (( T > 30 )); then
   log "4. bench_gpu.py (budget $((T - 15))s, hard timeout ${T}s)"
