@@ -39,6 +39,40 @@ from raad_kernels import cpu_backend  # noqa: E402
 
 CAPS = _cpu.capabilities()
 ISAS = ["portable"] + (["avx2"] if CAPS["avx2"] else []) + (["avx512"] if CAPS["best_isa"] in ("avx512", "amx") else [])
+
+
+def _avx512_emulated():
+    """On a CPU without AVX-512: the extension rebuilt with its AVX-512 kernels emulated by SIMDe
+    (csrc/cpu/emu/build_avx512_emu.py), so the ``avx512`` code is tested here too, as the
+    extra path "avx512-emu". None (with the reason) where that cannot be built."""
+    if "avx512" in ISAS:
+        return None, "this CPU runs the AVX-512 kernels natively"
+    if not CAPS["avx2"]:
+        return None, "the emulated build needs an AVX2 CPU"
+    if os.environ.get("RAAD_CPU_AVX512_EMU") == "0":
+        return None, "RAAD_CPU_AVX512_EMU=0"
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "emu" / "build_avx512_emu.py"
+    spec = importlib.util.spec_from_file_location("raad_build_avx512_emu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.simde_include() is None:
+        return None, "SIMDe headers not found (apt-get install libsimde-dev)"
+    try:
+        return mod.build(), ""
+    except Exception as e:  # noqa: BLE001 - reported as a failure by test_avx512_kernels_are_tested_here
+        return None, f"BUILD FAILED: {type(e).__name__}: {str(e)[-2000:]}"
+
+
+EMU512, EMU512_WHY = _avx512_emulated()
+if EMU512 is not None:
+    ISAS.append("avx512-emu")
+
+
+def ext_isa(isa):
+    """(extension module, isa argument) for a path name of ISAS."""
+    return (EMU512, "avx512") if isa == "avx512-emu" else (_cpu, isa)
 MAPS = ("cls", "received", "entropy")
 MAP_TOL = 2e-3
 
@@ -50,8 +84,13 @@ def run(q, k, v, isa, qk_bits=8, pv_bits=8, maps=(), mask=None, scale=None, pois
     if poison:
         poison_(out)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    o, m = cpu_backend.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=mask,
-                                 return_maps=maps, out=out, isa=isa, **kw)
+    if isa == "avx512-emu":  # the emulated build, called as cpu_backend calls _cpu
+        assert set(kw) <= {"smooth_k", "rotate"}, kw
+        o, m = EMU512.attention(q, k, v, qk_bits, pv_bits, float(scale), mask, kw.get("smooth_k", True),
+                                kw.get("rotate"), list(maps), out, "avx512")
+    else:
+        o, m = cpu_backend.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=mask,
+                                     return_maps=maps, out=out, isa=isa, **kw)
     assert o.data_ptr() == out.data_ptr()
     return o, m
 
@@ -89,7 +128,16 @@ def test_status_and_capabilities():
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "portable"])
 def test_vector_path_agrees_with_portable(isa):
     """The start-up self-check (all bit-widths, both P·V modes, maps, masks) on this path."""
-    assert _cpu.self_check(isa) == ""
+    ext, name = ext_isa(isa)
+    assert ext.self_check(name) == ""
+
+
+def test_avx512_kernels_are_tested_here():
+    """The AVX-512 kernels run in this suite: natively, or emulated (SIMDe) on CPUs without them."""
+    assert not EMU512_WHY.startswith("BUILD FAILED"), EMU512_WHY
+    if EMU512 is None and "avx512" not in ISAS:
+        pytest.skip(f"AVX-512 kernels neither native nor emulated here: {EMU512_WHY}")
+    assert "avx512" in ISAS or EMU512.capabilities()["kernel_isa"] == "avx512"
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +153,8 @@ def test_quantized_codes_match_spec(isa, bits, d, rotate):
     tie to float rounding (the kernels sum in another order, with FMA): then its error must be
     as small as the spec's."""
     q, k, _ = make_qkv(2, 2, 45, d, nk=70, seed=d + bits)
-    qc, qs, kc, ks = _cpu.quantize_qk_debug(q, k, bits, True, rotate, isa)
+    ext, name = ext_isa(isa)
+    qc, qs, kc, ks = ext.quantize_qk_debug(q, k, bits, True, rotate, name)
     ref = quant.prepare_qk(q, k, bits, smooth=True, rotate_qk=rotate)
     rot = quant.default_rotate(bits) if rotate is None else rotate
     xq = quant.rotate(q.float()) if rot else q.float()

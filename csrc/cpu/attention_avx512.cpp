@@ -11,6 +11,9 @@
 // K vectors hold 16 keys × 4 channels; 2 per chunk (32 keys), shared by 4 query rows.
 // The softmax, P quantization and maps are the AVX2 code of avx_driver.h.
 #include <immintrin.h>
+#ifdef RAAD_SIMDE_AVX512  // test build on a CPU without AVX-512 (csrc/cpu/emu/build_avx512_emu.py)
+#include "cpu/emu/simde_avx512.h"
+#endif
 
 #include "cpu/avx_driver.h"
 
