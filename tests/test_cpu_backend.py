@@ -51,12 +51,8 @@ def _avx512_emulated():
         return None, "the emulated build needs an AVX2 CPU"
     if os.environ.get("RAAD_CPU_AVX512_EMU") == "0":
         return None, "RAAD_CPU_AVX512_EMU=0"
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "emu" / "build_avx512_emu.py"
-    spec = importlib.util.spec_from_file_location("raad_build_avx512_emu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from emu_builders import load_builder
+    mod = load_builder("cpu/emu/build_avx512_emu.py")
     if mod.simde_include() is None:
         return None, "SIMDe headers not found (apt-get install libsimde-dev)"
     try:

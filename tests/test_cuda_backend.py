@@ -309,12 +309,8 @@ def test_gpu_hypothesis_shapes(b, h, nq, nk, d, dv, bits, dtype):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["native_s4", "unpacked_s4"])
 def emu(request):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emu" / "build_emu.py"
-    spec = importlib.util.spec_from_file_location("raad_build_emu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from emu_builders import load_builder
+    mod = load_builder("cuda/emu/build_emu.py")
     return Kern(f"emu[{request.param}]", mod.build(no_s4=request.param == "unpacked_s4"), "cpu")
 
 
