@@ -484,6 +484,8 @@ class QuantReport:
     kept_float: list[tuple[str, str, str]] = field(default_factory=list)
     #: Attention modules that cannot be swapped: (name, class, reason).
     unswappable: list[tuple[str, str, str]] = field(default_factory=list)
+    #: ``nn.Linear`` modules now running as W8A8 :class:`~raad_kernels.linear.QuantLinear`.
+    linears: list[str] = field(default_factory=list)
 
     def plan(self, avg_bits: Optional[float] = None) -> dict:
         """The swapped modules as a plan in the file format (for :func:`save_plan`)."""
@@ -496,6 +498,8 @@ class QuantReport:
         if avg_bits is not None:
             out["avg_bits"] = float(avg_bits)
         out["layers"] = layers
+        if self.linears:
+            out["linears"] = {"bits": 8, "under": list(self.linears)}
         return out
 
     def __str__(self) -> str:
@@ -508,6 +512,8 @@ class QuantReport:
             lines.append(f"  float       {n or '<root>'}  ({c.rsplit('.', 1)[-1]})  {why}")
         for n, c, why in self.unswappable:
             lines.append(f"  UNSWAPPABLE {n or '<root>'}  ({c.rsplit('.', 1)[-1]})  {why}")
+        if self.linears:
+            lines.append(f"  {len(self.linears)} linear layer(s) at int8 (W8A8): {', '.join(self.linears)}")
         return "\n".join(lines)
 
 
@@ -549,7 +555,7 @@ def _resolve(plan):
         source = plan if not isinstance(plan, dict) else None
         data = plan_mod.load_plan(plan)
         layers = {n: ((e["qk_bits"], e["pv_bits"]), e.get("score")) for n, e in data["layers"].items()}
-        return ("layers", layers, source)
+        return ("layers", layers, source, data.get("linears"))
     if callable(plan):
         return ("fn", plan)
     raise TypeError(f"plan must be an int, a dict, a path to a JSON plan or a callable (name, module) -> "
@@ -558,14 +564,16 @@ def _resolve(plan):
 
 def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bool = False,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, smooth_k: bool = True,
-                   rotate: Optional[bool] = None) -> nn.Module:
+                   rotate: Optional[bool] = None, linear_bits: Optional[int] = None) -> nn.Module:
     """Swap the model's attention modules for :class:`QuantAttention`, in place; returns the model.
 
     ``plan``: an int (uniform ``qk_bits``; P·V at 8 bits, or 16 with 16), a dict (the plan file
     format, or ``{module name: bits}``), a path to a JSON plan, or a callable
     ``(name, module) -> bits | None`` (None leaves the module float). ``bits`` is an int, a
     ``(qk_bits, pv_bits)`` pair or a ``{"qk_bits", "pv_bits"}`` dict. ``filter_fn(name, module)``
-    further limits which modules are swapped. Modules that are already ``QuantAttention`` get the
+    further limits which modules are swapped. ``linear_bits=8`` also runs every ``nn.Linear`` of
+    the model as W8A8 (:mod:`raad_kernels.linear`); a plan file's ``linears`` section does the
+    same for the module-name prefixes it lists. Modules that are already ``QuantAttention`` get the
     plan's bits. A plan naming a module the model does not have (or one that cannot be swapped)
     is refused with the nearest names. The report (swapped, left float, unswappable) is kept as
     ``model.raad_report`` and printed with ``verbose=True``. If ``model`` is itself an attention
@@ -576,7 +584,20 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     resolved = _resolve(plan)
+    linears = resolved[3] if resolved[0] == "layers" else None
+    if linear_bits is not None:
+        from .linear import check_linear_bits
+        linears = {"bits": check_linear_bits(linear_bits), **({"under": linears["under"]} if linears and "under" in linears else {})}
     candidates, unswappable, covered = _classify(model)
+    if linears and linears.get("under"):
+        all_mods = dict(model.named_modules())
+        bad = [p for p in linears["under"] if p not in all_mods]
+        if bad:
+            source = resolved[2] if resolved[0] == "layers" else None
+            raise plan_mod.PlanError("\n".join(
+                f"{plan_mod._where(source)}: linears.under names module {p!r}, which the model does not have; "
+                f"nearest names: {', '.join(plan_mod.nearest_names(p, [n for n in all_mods if n])) or '(none)'}"
+                for p in bad))
 
     if resolved[0] == "layers":
         layers, source = resolved[1], resolved[2]
@@ -646,6 +667,10 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
                 setattr(parent, attr, qa)
         report.swapped.append(SwapEntry(name, qa.float_class, qk, pv, backend, score))
 
+    from .linear import QuantLinear, quantize_linears
+    if linears:
+        quantize_linears(new_root, linears["bits"], under=linears.get("under"))
+    report.linears = [n for n, m in new_root.named_modules() if isinstance(m, QuantLinear)]
     object.__setattr__(new_root, "raad_report", report)
     if verbose:
         print(report)

@@ -3,10 +3,13 @@
 File format, version 1::
 
     {"version": 1, "avg_bits": 4.0,
-     "layers": {"student.blocks.0.attn": {"qk_bits": 2, "pv_bits": 8, "score": 0.12}, ...}}
+     "layers": {"student.blocks.0.attn": {"qk_bits": 2, "pv_bits": 8, "score": 0.12}, ...},
+     "linears": {"bits": 8, "under": ["student.blocks"]}}
 
 ``layers`` maps a module name (as ``model.named_modules()`` spells it) to its bits; ``score``
-(HQS) and ``avg_bits`` are optional and carried along untouched. ``qk_bits`` is 2, 4, 8, or 16
+(HQS) and ``avg_bits`` are optional and carried along untouched. ``linears`` (optional) runs
+every ``nn.Linear`` under the listed module-name prefixes (the whole model without ``under``)
+as W8A8 :class:`~raad_kernels.linear.QuantLinear`; without it the linears stay float. ``qk_bits`` is 2, 4, 8, or 16
 (float); ``pv_bits`` is 8 or 16; ``qk_bits=16`` needs ``pv_bits=16`` (16/16 = the float module).
 
 :func:`quantize_model <raad_kernels.quantize_model>` also takes the plan in short forms, which
@@ -28,7 +31,8 @@ from collections.abc import Iterable, Mapping
 PLAN_VERSION = 1
 MODULE_QK_BITS = (2, 4, 8, 16)
 MODULE_PV_BITS = (8, 16)
-TOP_KEYS = ("version", "avg_bits", "layers")
+TOP_KEYS = ("version", "avg_bits", "layers", "linears")
+LINEAR_KEYS = ("bits", "under")
 LAYER_KEYS = ("qk_bits", "pv_bits", "score")
 
 
@@ -121,6 +125,29 @@ def validate(plan: Mapping, source=None) -> dict:
         if entry.get("score") is not None:
             e["score"] = float(entry["score"])
         out["layers"][name] = e
+    if plan.get("linears") is not None:
+        out["linears"] = validate_linears(plan["linears"], where)
+    return out
+
+
+def validate_linears(spec, where: str = "plan") -> dict:
+    """The plan's ``linears`` section: ``{"bits": 8, "under": [module-name prefixes]}``."""
+    from .linear import LINEAR_BITS
+    key = f"{where}: linears"
+    if not isinstance(spec, Mapping):
+        raise PlanError(f"{key} must be an object {{'bits': 8, 'under': [...]}}, got {spec!r}")
+    extra = sorted(set(spec) - set(LINEAR_KEYS))
+    if extra:
+        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(LINEAR_KEYS)}")
+    bits = spec.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in LINEAR_BITS:
+        raise PlanError(f"{key}: bits must be one of {LINEAR_BITS}, got {bits!r}")
+    out = {"bits": bits}
+    if spec.get("under") is not None:
+        under = spec["under"]
+        if isinstance(under, str) or not isinstance(under, (list, tuple)) or not all(isinstance(u, str) for u in under):
+            raise PlanError(f"{key}: under must be a list of module-name prefixes, got {under!r}")
+        out["under"] = list(under)
     return out
 
 

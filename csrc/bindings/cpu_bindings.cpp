@@ -13,6 +13,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
+#include "cpu/linear_int8.h"
 
 namespace {
 
@@ -216,6 +217,38 @@ py::tuple quantize_qk_debug(const torch::Tensor& q, const torch::Tensor& k, int6
 
 std::string self_check(const std::string& isa) { return rc::self_check(parse_isa(isa)); }
 
+// W8A8 linear (raad_kernels.linear.int8_linear): activations quantized per row in one pass,
+// torch's integer GEMM (oneDNN, VNNI where the CPU has it), scales and bias in one pass.
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w_codes_t, const torch::Tensor& w_scale,
+                          const std::optional<torch::Tensor>& bias) {
+  RAAD_CHECK_TYPE(x.scalar_type() == torch::kFloat, "x must be float32, got ", x.scalar_type());
+  RAAD_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D (tokens, features) tensor");
+  RAAD_CHECK_TYPE(w_codes_t.scalar_type() == torch::kChar, "w_codes_t must be int8, got ", w_codes_t.scalar_type());
+  RAAD_CHECK_VALUE(w_codes_t.dim() == 2 && w_codes_t.size(0) == x.size(1), "w_codes_t must be (", x.size(1),
+                   ", out_features), got ", w_codes_t.sizes());
+  RAAD_CHECK_VALUE(x.size(1) > 1, "in_features must be > 1 (torch's CPU _int_mm is wrong for K = 1)");
+  const int64_t M = x.size(0), K = x.size(1), N = w_codes_t.size(1);
+  RAAD_CHECK_VALUE(w_scale.scalar_type() == torch::kFloat && w_scale.dim() == 1 && w_scale.size(0) == N &&
+                       w_scale.is_contiguous(), "w_scale must be a contiguous float32 (", N, ",) tensor");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    RAAD_CHECK_VALUE(bias->scalar_type() == torch::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                         bias->is_contiguous(), "bias must be a contiguous float32 (", N, ",) tensor");
+    b = bias->data_ptr<float>();
+  }
+  for (const auto* t : {&x, &w_codes_t, &w_scale})
+    RAAD_CHECK_VALUE(t->device().is_cpu(), "linear_int8 takes CPU tensors");
+  const int threads = at::get_num_threads();
+  auto codes = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto sx = torch::empty({M}, x.options());
+  rc::quantize_rows_i8(x.data_ptr<float>(), M, K, K, codes.data_ptr<int8_t>(), sx.data_ptr<float>(), threads);
+  auto acc = at::_int_mm(codes, w_codes_t);
+  auto y = torch::empty({M, N}, x.options());
+  rc::dequantize_i32(acc.data_ptr<int32_t>(), M, N, sx.data_ptr<float>(), w_scale.data_ptr<float>(), b,
+                     y.data_ptr<float>(), threads);
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -235,5 +268,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = py::none());
   m.def("self_check", &self_check, "Compare an ISA path with the portable one on small problems ('' = agree)",
         py::arg("isa"));
+  m.def("linear_int8", &linear_int8, "W8A8 linear: x float32 (M, K) contiguous, w_codes_t int8 (K, N), "
+        "w_scale float32 (N,), bias float32 (N,) or None -> float32 (M, N) (see raad_kernels.linear)",
+        py::arg("x"), py::arg("w_codes_t"), py::arg("w_scale"), py::arg("bias") = py::none());
   m.def("avx512_status", &avx512_status, "Whether the AVX-512 kernels are in use, and their self-check result");
 }

@@ -1,0 +1,261 @@
+"""W8A8 linears (raad_kernels.linear): the fast path against the float64 specification, the
+module's mirroring and training path, model swapping and the plan's ``linears`` section."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import raad_kernels as rk
+from raad_kernels.linear import (QuantLinear, int8_linear, int8_linear_reference, quantize_linears,
+                                 quantize_rows_int8)
+from raad_kernels.plan import PlanError
+
+
+def activations(m, k, *, seed=0, outliers=2, gain=20.0, dtype=torch.float32):
+    """Transformer-like activations: Gaussian tokens with a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if outliers and k > outliers:
+        idx = torch.randperm(k, generator=g)[:outliers]
+        x[:, idx] *= gain
+    return x.to(dtype)
+
+
+def linear(k, n, *, seed=1, bias=True):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+def errors(y, ref):
+    y, ref = y.double().flatten(), ref.double().flatten()
+    return F.cosine_similarity(y, ref, dim=0).item(), ((y - ref).norm() / ref.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------
+# The quantizer
+# --------------------------------------------------------------------------------------------
+
+def test_row_quantizer_codes_scales_and_zero_rows():
+    x = activations(33, 40)
+    x[5] = 0.0
+    codes, scale = quantize_rows_int8(x)
+    assert codes.dtype == torch.int8 and scale.shape == (33, 1)
+    assert codes.abs().max() == 127                          # each nonzero row reaches the top code
+    assert (codes.abs().amax(dim=1)[torch.arange(33) != 5] == 127).all()
+    assert scale[5].item() == 1.0 and (codes[5] == 0).all()
+    err = (codes.float() * scale - x).abs()
+    assert (err <= scale / 2 + 1e-6).all()                   # round to nearest
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path equals the specification; the specification is close to float64
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["fused", "torch"])
+@pytest.mark.parametrize("m, k, n", [(1, 3, 5), (2056, 128, 384), (257, 256, 128), (17, 80, 40), (5, 1, 7)])
+def test_int8_linear_equals_the_specification(monkeypatch, path, m, k, n):
+    """Both CPU paths: the extension's fused quantize / _int_mm / epilogue, and plain torch ops."""
+    monkeypatch.setenv("RAAD_LINEAR_FUSED", "1" if path == "fused" else "0")
+    x = activations(m, k, outliers=min(2, k - 1))
+    lin = linear(k, n)
+    codes, scale = quantize_rows_int8(lin.weight.detach())
+    y = int8_linear(x, codes.t(), scale.reshape(-1), lin.bias.detach())
+    spec = int8_linear_reference(x, lin.weight.detach(), lin.bias.detach())
+    assert y.dtype == torch.float32 and y.shape == (m, n) and torch.isfinite(y).all()
+    # integer sums are exact on both sides: only the float32 scaling differs
+    torch.testing.assert_close(y.double(), spec, rtol=2e-6, atol=2e-6 * spec.abs().max().item())
+
+
+def test_int8_linear_accuracy_against_float64_with_outlier_channels():
+    x = activations(512, 128, outliers=3, gain=30.0)
+    lin = linear(128, 256)
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    cos, rel = errors(QuantLinear(lin)(x), exact)
+    assert cos >= 0.999 and rel <= 0.03, (cos, rel)
+    # and it is a quantization: not the float result itself
+    assert rel > 1e-4
+
+
+def test_int8_linear_poisoned_output_not_reused():
+    # the output is a fresh tensor: NaNs in a previous result cannot leak into the next one
+    lin = linear(64, 32)
+    q = QuantLinear(lin)
+    x = activations(20, 64)
+    y1 = q(x)
+    y1.fill_(float("nan"))
+    y2 = q(x)
+    assert torch.isfinite(y2).all()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 70), k=st.integers(1, 130), n=st.integers(1, 90), lead=st.sampled_from([(), (2,), (2, 3)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_shapes_and_dtypes_hypothesis(m, k, n, lead, dtype, bias, seed):
+    x = activations(m * (1 if not lead else int(torch.tensor(lead).prod())), k, seed=seed,
+                    outliers=min(2, k - 1)).reshape(*lead, m, k).to(dtype)
+    lin = linear(k, n, seed=seed, bias=bias)
+    y = QuantLinear(lin)(x)
+    assert y.shape == (*lead, m, n) and y.dtype == dtype and torch.isfinite(y).all()
+    spec = int8_linear_reference(x.reshape(-1, k), lin.weight.detach(),
+                                 None if lin.bias is None else lin.bias.detach()).reshape(*lead, m, n)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y.double(), spec, rtol=tol, atol=tol * max(spec.abs().max().item(), 1e-6))
+
+
+# --------------------------------------------------------------------------------------------
+# The module: mirroring, weight cache, training path, errors
+# --------------------------------------------------------------------------------------------
+
+def test_module_mirrors_the_float_linear_and_state_dicts_load_both_ways():
+    lin = linear(24, 16)
+    q = QuantLinear(lin)
+    assert q.weight is lin.weight and q.bias is lin.bias
+    assert set(q.state_dict()) == set(lin.state_dict()) == {"weight", "bias"}
+    other = linear(24, 16, seed=9)
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(lin.weight, other.weight)             # loading one loads the other
+    assert q.to_float() is lin
+
+
+def test_weight_cache_follows_in_place_updates():
+    lin = linear(32, 8)
+    q = QuantLinear(lin).eval()
+    x = activations(10, 32)
+    with torch.no_grad():
+        y0 = q(x)
+        lin.weight.mul_(-2.0)                                 # an optimizer step does this in place
+        y1 = q(x)
+    ref1 = int8_linear_reference(x, lin.weight.detach(), lin.bias.detach())
+    torch.testing.assert_close(y1.double(), ref1, rtol=2e-6, atol=1e-5)
+    assert not torch.allclose(y0, y1)
+
+
+def test_training_path_is_the_same_arithmetic_with_straight_through_gradients():
+    lin = linear(48, 20)
+    q = QuantLinear(lin)
+    x = activations(30, 48).requires_grad_(True)
+    y_train = q(x)
+    with torch.no_grad():
+        y_inf = q(x)
+    torch.testing.assert_close(y_train, y_inf, rtol=1e-5, atol=1e-5)
+    y_train.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    # straight-through: the gradient is the float layer's gradient at the quantized values
+    xq = (quantize_rows_int8(x.detach())[0].float() * quantize_rows_int8(x.detach())[1])
+    wq = quantize_rows_int8(lin.weight.detach())
+    wq = wq[0].float() * wq[1]
+    g = 2 * y_inf
+    torch.testing.assert_close(x.grad, g @ wq, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lin.weight.grad, g.t() @ xq, rtol=1e-4, atol=1e-3)
+
+
+def test_fused_kernel_refuses_bad_arguments():
+    from raad_kernels import _cpu
+    x = torch.randn(4, 8)
+    codes, scale = quantize_rows_int8(torch.randn(6, 8))
+    ok = (x, codes.t(), scale.reshape(-1))
+    assert _cpu.linear_int8(*ok).shape == (4, 6)
+    with pytest.raises(TypeError, match="x must be float32"):
+        _cpu.linear_int8(x.double(), *ok[1:])
+    with pytest.raises(ValueError, match="w_codes_t must be \\(8, out_features\\)"):
+        _cpu.linear_int8(x, codes, scale.reshape(-1))
+    with pytest.raises(ValueError, match="bias must be a contiguous float32 \\(6,\\)"):
+        _cpu.linear_int8(*ok, torch.zeros(5))
+    with pytest.raises(ValueError, match="K = 1"):
+        _cpu.linear_int8(torch.randn(4, 1), torch.zeros(1, 6, dtype=torch.int8), scale.reshape(-1))
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear(nn.Conv2d(3, 4, 1))
+    with pytest.raises(ValueError, match="linear bits must be one of"):
+        QuantLinear(linear(4, 4), bits=4)
+    with pytest.raises(ValueError, match="last dim is 5, the layer takes 4"):
+        QuantLinear(linear(4, 4))(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="QuantLinear\\(linear\\)"):
+        quantize_linears(linear(4, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Swapping a model; plans
+# --------------------------------------------------------------------------------------------
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_vit(depth=2):
+    torch.manual_seed(0)
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=2, num_classes=10).eval()
+
+
+def test_quantize_linears_under_prefixes_and_filter():
+    m = tiny_vit()
+    names = quantize_linears(m, 8, under=["blocks.1"], filter_fn=lambda n, mod: "mlp" in n)
+    assert names == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert isinstance(m.blocks[1].mlp.fc1, QuantLinear) and type(m.blocks[0].mlp.fc1) is nn.Linear
+    assert type(m.head) is nn.Linear
+    with pytest.raises(PlanError, match="'blok.1'.*nearest names: blocks"):
+        quantize_linears(m, 8, under=["blok.1"])
+
+
+def test_plan_linears_section_end_to_end(tmp_path):
+    m = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    plan = {"version": 1, "layers": {"blocks.0.attn": {"qk_bits": 8, "pv_bits": 8},
+                                     "blocks.1.attn": {"qk_bits": 4, "pv_bits": 8}},
+            "linears": {"bits": 8, "under": ["blocks"]}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    keys = set(m.state_dict())
+    m = rk.quantize_model(m, str(path))
+    assert m.raad_report.linears == [f"blocks.{i}.{p}" for i in range(2)
+                                     for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert set(m.state_dict()) == keys
+    with torch.no_grad():
+        y = m(x)
+    cos, _ = errors(y, ref)
+    assert 0.99 <= cos < 1.0
+    # the report writes the section back
+    saved = rk.load_plan(rk.save_plan(m, tmp_path / "again.json"))
+    assert saved["linears"] == {"bits": 8, "under": m.raad_report.linears}
+
+
+def test_quantize_model_linear_bits_keyword():
+    m = rk.quantize_model(tiny_vit(), 8, linear_bits=8)
+    assert len(m.raad_report.linears) == 9            # 4 per block and the head
+    with pytest.raises(ValueError, match="linear bits must be one of"):
+        rk.quantize_model(tiny_vit(), 8, linear_bits=4)
+
+
+@pytest.mark.parametrize("linears, match", [
+    ({"bits": 4}, "bits must be one of"),
+    ({"bits": 8, "under": "blocks"}, "under must be a list"),
+    ({"bits": 8, "scope": ["blocks"]}, "unknown key"),
+    ([8], "must be an object"),
+])
+def test_plan_linears_section_errors(linears, match):
+    with pytest.raises(PlanError, match=match):
+        rk.load_plan({"version": 1, "layers": {}, "linears": linears})
+
+
+def test_plan_with_a_wrong_prefix_changes_nothing():
+    m = tiny_vit()
+    before = copy.deepcopy(m)
+    plan = {"version": 1, "layers": {"blocks.0.attn": {"qk_bits": 8, "pv_bits": 8}},
+            "linears": {"bits": 8, "under": ["student.blocks"]}}
+    with pytest.raises(PlanError, match="linears.under names module 'student.blocks'"):
+        rk.quantize_model(m, plan)
+    assert [type(a) for a in m.modules()] == [type(a) for a in before.modules()]
