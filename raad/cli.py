@@ -22,7 +22,8 @@ def _model_cfg(args):
 def _fit_opts(args):
     from .train import FitOptions
     return FitOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, avg_bits=args.avg_bits,
-                      stage2_steps=args.stage2_steps, seed=args.seed, device=args.device)
+                      stage2_steps=args.stage2_steps, seed=args.seed, device=args.device,
+                      linear_bits=args.linear_bits)
 
 
 def cmd_make_data(args):
@@ -97,6 +98,9 @@ def build_parser():
         s.add_argument("--lr", type=float, default=f.lr)
         s.add_argument("--avg-bits", type=float, default=f.avg_bits,
                        help="average Q·Kᵀ bits (2..8), 16 = full precision")
+        s.add_argument("--linear-bits", type=int, default=f.linear_bits, choices=(8, 16),
+                       help="the student blocks' linear layers in the plan: 8 = int8 weights and "
+                            "activations (W8A8), 16 = float")
         s.add_argument("--seed", type=int, default=f.seed)
         s.add_argument("--device", default=f.device)
 

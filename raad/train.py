@@ -9,7 +9,8 @@
 3. Held-out normal images set the quantile normalisation of both maps; the training images set
    their per-position profiles (the autoencoder's corners, the student's border ring).
 4. HQS scores the attention layers and allocates bits under ``avg_bits`` (see :mod:`raad.hqs`).
-5. Stage 1 swaps the attention for QuantAttention at the plan's bits (post-training).
+5. Stage 1 swaps the attention for QuantAttention at the plan's bits and, with
+   ``linear_bits=8``, the student blocks' linears for W8A8 QuantLinear (post-training).
 6. Stage 2 fine-tunes the student under fake quantization (straight-through estimator) at a low
    learning rate, weighting each patch by where the float model's discrepancy concentrates
    (1 + d/mean d), then recalibrates the quantiles with the quantized model.
@@ -46,6 +47,7 @@ class FitOptions:
     avg_bits: float = 4.0
     stage2_steps: int = 60
     stage2_lr: float = 1e-4
+    linear_bits: int = 8   # the student blocks' linears in the plan: 8 = W8A8, 16 = float
     holdout: float = 0.15
     seed: int = 0
     device: str = "cpu"
@@ -57,6 +59,9 @@ class FitOptions:
         if self.stage2_steps < 0:
             raise ValueError(f"--stage2-steps must be >= 0, got {self.stage2_steps}")
         hqs.check_avg_bits(self.avg_bits)
+        if self.linear_bits not in (8, 16):
+            raise ValueError(f"--linear-bits must be 8 (int8 weights and activations) or 16 (float), "
+                             f"got {self.linear_bits}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -231,12 +236,26 @@ def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
     return log
 
 
+#: Where the plan runs the linears at int8 (``--linear-bits 8``): every block of the student
+#: (QKV, output projection, MLP). The token embedding, the heads, the autoencoder and the
+#: teacher stay float.
+LINEAR_SCOPE = ("student.blocks",)
+
+
+def deployment_plan(attn_plan: dict, opts: FitOptions) -> dict:
+    """The attention plan plus, with ``opts.linear_bits == 8``, the W8A8 linears section."""
+    plan = {k: v for k, v in attn_plan.items() if k != "linears"}
+    if opts.linear_bits == 8:
+        plan["linears"] = {"bits": 8, "under": list(LINEAR_SCOPE)}
+    return plan
+
+
 def hqs_plan(prep: Prepared, opts: FitOptions, show=True):
     """Score the layers of the (float) detector; returns (plan, scores)."""
     mods = quant_modules(prep.det)
     scores = hqs.score_layers(prep.det, mods, prep.normals, seed=opts.seed,
                               progress=lambda it: _bar(it, "HQS scoring", show=show))
-    return hqs.make_plan(scores, opts.avg_bits), scores
+    return deployment_plan(hqs.make_plan(scores, opts.avg_bits), opts), scores
 
 
 def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOptions, stage2: bool,
@@ -245,7 +264,7 @@ def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOp
     ``weights``: per-patch stage-2 weights (default: from ``det`` before quantizing)."""
     if stage2 and weights is None:
         weights = discrepancy_weights(det, prep.stems, prep.targets)
-    rk.quantize_model(det, plan, backend=opts.backend)
+    rk.quantize_model(det, deployment_plan(plan, opts), backend=opts.backend)
     log = []
     if stage2 and opts.stage2_steps:
         log = train(det, prep.stems, prep.targets, opts.stage2_steps, opts.stage2_lr, opts.batch_size,

@@ -32,7 +32,32 @@ def test_fit_writes_a_complete_run_folder(fitted):
     assert set(plan["layers"]) == {"student.blocks.0.attn", "student.blocks.1.attn"}
     bits = [e["qk_bits"] for e in plan["layers"].values()]
     assert sum(bits) <= 4 * len(bits) and all(e["pv_bits"] == 8 for e in plan["layers"].values())
+    # --linear-bits 8 (the default): the student blocks' linears run W8A8 under the plan
+    assert plan["linears"] == {"bits": 8, "under": ["student.blocks"]}
     assert not list(cat.glob("*.tmp*")), "no temporary files left behind"
+
+
+def test_plan_runs_the_student_linears_at_int8_and_fp32_keeps_them_float(fitted):
+    from raad.checkpoint import load_run
+    from raad_kernels.linear import QuantLinear
+    _, run = fitted
+    quant, _, _ = load_run(run / "pcb", precision="plan")
+    names = [n for n, m in quant.named_modules() if isinstance(m, QuantLinear)]
+    assert names and all(n.startswith("student.blocks.") for n in names)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"qkv", "proj", "fc1", "fc2"}
+    fp32, _, _ = load_run(run / "pcb", precision="fp32")
+    assert not any(isinstance(m, QuantLinear) for m in fp32.modules())
+
+
+def test_linear_bits_16_keeps_the_linears_float(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["make-data", str(data), "--categories", "weave", "--size", "64", "--n-train", "6",
+                 "--n-test-good", "1", "--n-test-defect", "1"]) == 0
+    assert main(["fit", str(data), "--out", str(run), "--quiet", "--linear-bits", "16"] + TINY) == 0
+    plan = json.loads((run / "weave" / "plan.json").read_text())
+    assert "linears" not in plan and plan["layers"]
+    with pytest.raises(SystemExit):
+        main(["fit", str(data), "--out", str(run), "--linear-bits", "4"])
 
 
 @pytest.mark.parametrize("precision", ["plan", "fp32"])
