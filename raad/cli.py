@@ -59,6 +59,9 @@ def cmd_bench(args):
     else:
         print(f"fp32 {r['fp32_images_per_s']:.2f} img/s, plan {r['plan_images_per_s']:.2f} img/s, "
               f"speedup {r['speedup']:.2f}x ({r['threads']} threads, batch {r['batch']}, {r['images']})")
+        if "attention_only_images_per_s" in r:
+            print(f"  the plan's attention alone (linears float): {r['attention_only_images_per_s']:.2f} img/s, "
+                  f"{r['attention_only_speedup']:.2f}x")
 
 
 def cmd_demo(args):
@@ -134,9 +137,11 @@ def build_parser():
 
     s = sub.add_parser("bench", help="images/s of the plan against the same model in fp32")
     s.add_argument("run_dir")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--repeats", type=int, default=10)
+    from .score import bench
+    b = {k: p.default for k, p in inspect.signature(bench).parameters.items()}
+    s.add_argument("--device", default=b["device"])
+    s.add_argument("--batch-size", type=int, default=b["batch"])
+    s.add_argument("--repeats", type=int, default=b["repeats"], help="timed batches per variant (median)")
     s.add_argument("--data", default=None, help="time on this category's test images (default: noise images)")
     s.add_argument("--json", action="store_true", help="print one JSON line")
     s.set_defaults(func=cmd_bench)

@@ -88,4 +88,10 @@ def _table(cats, rows, speed) -> str:
             ips = speed[c]["fp32_images_per_s" if p == "fp32" else "plan_images_per_s"]
             lines.append(f"| {c} | {p} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | "
                          f"{_f(r['aupro'])} | {ips:.2f} |")
+    lines.append("")
+    for c in cats:
+        b = speed[c]
+        part = (f" (its attention alone, linears float: {b['attention_only_speedup']:.2f}x)"
+                if "attention_only_speedup" in b else "")
+        lines.append(f"- {c}: plan {b['speedup']:.2f}x fp32 images/s{part}")
     return "\n".join(lines)

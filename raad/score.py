@@ -122,9 +122,11 @@ def _timed(det, x) -> float:
     return time.perf_counter() - t0
 
 
-def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto", data_dir=None) -> dict:
-    """Images/s of the run's model with float attention and with its plan, timed alternately in
-    one process on the same images (median of ``repeats`` batches each).
+def bench(run_dir, device="cpu", batch=8, repeats=20, backend="auto", data_dir=None) -> dict:
+    """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
+    the same images (median of ``repeats`` batches each). When the plan also runs linears at
+    int8, the plan's attention alone (linears float) is timed in the same loop, so the share of
+    each part of the plan is visible (``attention_only_images_per_s``).
 
     ``data_dir``: a category folder (or a folder of them) whose first ``batch`` test images are
     used; without it, a fixed batch of Gaussian-noise images (attention on noise is flatter than
@@ -134,8 +136,14 @@ def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto", data_dir=N
     quant, _, plan = load_run(run, precision="plan", backend=backend)
     if plan is None:
         raise ValueError(f"{run}: this run has no plan (fitted with --avg-bits 16): nothing to compare")
-    fp32.to(device)
-    quant.to(device)
+    variants = {"fp32": fp32, "plan": quant}
+    if plan.get("linears"):
+        attn_only, _, _ = load_run(run, precision="fp32")
+        import raad_kernels as rk
+        rk.quantize_model(attn_only, {k: v for k, v in plan.items() if k != "linears"}, backend=backend)
+        variants["attention_only"] = attn_only
+    for det in variants.values():
+        det.to(device)
     size = fp32.cfg.image_size
     if data_dir is not None:
         cat = category_for(run, data_dir, {p.name: p for p in D.category_dirs(data_dir)})
@@ -148,15 +156,21 @@ def bench(run_dir, device="cpu", batch=8, repeats=10, backend="auto", data_dir=N
         source = "Gaussian noise"
     x = x.to(device)
     n = len(x)
-    t_fp, t_q = [], []
+    times = {k: [] for k in variants}
     with torch.inference_mode():
-        fp32(x), quant(x)  # warm-up
-        for _ in range(repeats):  # alternate, so drift in machine load hits both alike
-            t_fp.append(_timed(fp32, x))
-            t_q.append(_timed(quant, x))
-    fp_ips = n / statistics.median(t_fp)
-    q_ips = n / statistics.median(t_q)
-    return {"fp32_images_per_s": round(fp_ips, 3), "plan_images_per_s": round(q_ips, 3),
-            "speedup": round(q_ips / fp_ips, 3), "batch": n, "repeats": repeats, "device": device,
-            "threads": torch.get_num_threads(), "image_size": size, "images": source,
-            "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()}}
+        for det in variants.values():  # warm-up
+            det(x)
+        for _ in range(repeats):  # alternate, so drift in machine load hits all alike
+            for k, det in variants.items():
+                times[k].append(_timed(det, x))
+    ips = {k: n / statistics.median(t) for k, t in times.items()}
+    out = {"fp32_images_per_s": round(ips["fp32"], 3), "plan_images_per_s": round(ips["plan"], 3),
+           "speedup": round(ips["plan"] / ips["fp32"], 3)}
+    if "attention_only" in ips:
+        out["attention_only_images_per_s"] = round(ips["attention_only"], 3)
+        out["attention_only_speedup"] = round(ips["attention_only"] / ips["fp32"], 3)
+    out.update({"batch": n, "repeats": repeats, "device": device,
+                "threads": torch.get_num_threads(), "image_size": size, "images": source,
+                "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()},
+                "plan_linears": plan.get("linears")})
+    return out

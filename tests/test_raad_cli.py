@@ -85,6 +85,10 @@ def test_bench_prints_one_json_line(fitted, capsys):
     r = json.loads(lines[0])
     assert r["fp32_images_per_s"] > 0 and r["plan_images_per_s"] > 0
     assert r["speedup"] == pytest.approx(r["plan_images_per_s"] / r["fp32_images_per_s"], rel=1e-2)
+    # the plan has W8A8 linears: its attention alone is timed in the same loop
+    assert r["plan_linears"] == {"bits": 8, "under": ["student.blocks"]}
+    assert r["attention_only_speedup"] == pytest.approx(
+        r["attention_only_images_per_s"] / r["fp32_images_per_s"], rel=1e-2)
 
 
 def test_bench_on_real_test_images(fitted, capsys, tmp_path):
