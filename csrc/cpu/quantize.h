@@ -411,14 +411,15 @@ inline float quantize_row_avx2(const float* x, int n, int8_t* codes) {
     clip_candidates<BITS>(amax, __builtin_sqrtf(hsum8_q(sq) / float(n)), cand);
     // Candidates clipped at the absmax repeat cand[0] (at 4 bits, on rotated rows, most of them
     // do): a repeat has the same error, so under the strict rule below it never wins; only the
-    // distinct ones are evaluated (3 at a time; each error is computed the same way in any slot).
-    int uniq[kClipCandidates], nu = 0;
-    for (int g = 0; g < kClipCandidates; ++g) {
-      bool seen = false;
-      for (int u = 0; u < nu; ++u) seen |= cand[uniq[u]] == cand[g];
-      if (!seen) uniq[nu++] = g;
+    // others are evaluated (3 at a time; each error is computed the same way in any slot). The
+    // grid is ascending, so the unclipped ones are a prefix: cand[1..nu), no pairwise search.
+    int uniq[kClipCandidates], nu = 1;
+    uniq[0] = 0;
+    while (nu < kClipCandidates && cand[nu] != cand[0]) {
+      uniq[nu] = nu;
+      ++nu;
     }
-    for (int u = 0; u < kClipCandidates; ++u) safe[u] = u < nu ? cand[uniq[u]] : cand[uniq[0]];
+    for (int u = 0; u < kClipCandidates; ++u) safe[u] = u < nu ? cand[uniq[u]] : cand[0];
     for (int u = 0; u < kClipCandidates; ++u) safe[u] = safe[u] > 0.f ? safe[u] : 1.f;
     if constexpr (BITS == 2) {
       // int2 in closed form: with a = |x|, the code magnitude is 1 below a = 2s and 3 from there
