@@ -127,13 +127,24 @@ class EffNetTeacher(nn.Module):
         for owner, conv, bn in pairs:
             setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
             setattr(owner, bn, nn.Identity())
-        # symmetric "same" padding as the convolution's own (no padded copy of the input);
-        # the stride-2 convolutions pad asymmetrically and keep their ZeroPad2d
+        # "same" padding as the convolution's own, so no padded copy of the input is made (an
+        # 8x96x65x65 copy was 2.7 of 25 ms per batch). The stride-2 convolutions pad one more
+        # on the right/bottom (l, l+1): that equals a kernel one larger, its first row and
+        # column zero, with symmetric padding l+1 (the same windows and products, plus zeros).
         for m in self.modules():
             pad = getattr(m, "static_padding", None)
-            if isinstance(pad, nn.ZeroPad2d) and len(set(pad.padding)) == 1:
-                m.padding = (pad.padding[0], pad.padding[0])
-                m.static_padding = nn.Identity()
+            if not isinstance(pad, nn.ZeroPad2d):
+                continue
+            left, right, top, bottom = pad.padding
+            if left == right == top == bottom:
+                m.padding = (left, left)
+            elif right == left + 1 and bottom == top + 1 and left == top:
+                m.weight = nn.Parameter(F.pad(m.weight.detach(), (1, 0, 1, 0)), requires_grad=False)
+                m.kernel_size = tuple(k + 1 for k in m.kernel_size)
+                m.padding = (right, right)
+            else:
+                continue
+            m.static_padding = nn.Identity()
 
     def train(self, mode: bool = True):  # frozen: batch-norm statistics never move
         return super().train(False)
