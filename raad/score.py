@@ -116,15 +116,21 @@ def score(run_dir, data_dir, out_dir, precision="plan", backend="auto", show=Tru
 # bench
 # ----------------------------------------------------------------------------------------------
 
+def _warm_up(variants: dict, x):
+    for det in variants.values():
+        det(x)
+
+
 def _timed(det, x) -> float:
     t0 = time.perf_counter()
     det(x)
     return time.perf_counter() - t0
 
 
-def bench(run_dir, device="cpu", batch=8, repeats=20, backend="auto", data_dir=None) -> dict:
+def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None) -> dict:
     """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
-    the same images (median of ``repeats`` batches each). When the plan also runs linears at
+    the same images (median of ``repeats`` batches each); ``speedup`` is the median over the
+    rounds of fp32 time / plan time (each round times every variant once, back to back). When the plan also runs linears at
     int8, the plan's attention alone (linears float) is timed in the same loop, so the share of
     each part of the plan is visible (``attention_only_images_per_s``).
 
@@ -158,17 +164,19 @@ def bench(run_dir, device="cpu", batch=8, repeats=20, backend="auto", data_dir=N
     n = len(x)
     times = {k: [] for k in variants}
     with torch.inference_mode():
-        for det in variants.values():  # warm-up
-            det(x)
+        _warm_up(variants, x)
         for _ in range(repeats):  # alternate, so drift in machine load hits all alike
             for k, det in variants.items():
                 times[k].append(_timed(det, x))
     ips = {k: n / statistics.median(t) for k, t in times.items()}
+
+    def paired(k):  # per-round ratios of neighbouring runs: load that drifts cancels out
+        return round(statistics.median(f / q for f, q in zip(times["fp32"], times[k])), 3)
     out = {"fp32_images_per_s": round(ips["fp32"], 3), "plan_images_per_s": round(ips["plan"], 3),
-           "speedup": round(ips["plan"] / ips["fp32"], 3)}
+           "speedup": paired("plan")}
     if "attention_only" in ips:
         out["attention_only_images_per_s"] = round(ips["attention_only"], 3)
-        out["attention_only_speedup"] = round(ips["attention_only"] / ips["fp32"], 3)
+        out["attention_only_speedup"] = paired("attention_only")
     out.update({"batch": n, "repeats": repeats, "device": device,
                 "threads": torch.get_num_threads(), "image_size": size, "images": source,
                 "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()},
