@@ -93,7 +93,7 @@ XDIST=""
 log "2. pytest -m gpu tests/ and tests/test_triton_backend.py on the GPU ${XDIST:+($XDIST) }(timeout ${T}s)"
 # -rfs --tb=short: each failure's reason; 2 OpenMP threads per worker (no oversubscription).
 run_tb "$T" env OMP_NUM_THREADS=2 "$PY" -m pytest -q $XDIST --no-header -p no:cacheprovider -rfs --tb=short \
-  -m "gpu or not slow" tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_api.py \
+  -m "gpu or not slow" tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_api.py tests/test_linear.py \
   > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -15 "$OUT/gpu_tests.log" | tee -a "$LOG"

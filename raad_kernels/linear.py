@@ -51,12 +51,13 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) int8 @ (K, N) int8 → (M, N) int32, exact. cuBLASLt needs M > 16 and K, N
     multiples of 8; torch 2.14's CPU ``_int_mm`` returns wrong sums for K = 1 (found by
     tests/test_linear.py; K = 2..300 checked exact on 3000 random shapes). Other shapes (and
-    devices without ``_int_mm``) take an exact int64 matmul."""
+    devices without ``_int_mm``) take a float64 matmul of the codes, exact while |sum| < 2**53
+    (any K below 5·10**11), which every device has (CUDA has no int64 matmul)."""
     m, k = a.shape
     n = b.shape[1]
     if _int_mm_ok(a.device) and k > 1 and (a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0)):
         return torch._int_mm(a, b)
-    return (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):

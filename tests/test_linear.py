@@ -259,3 +259,15 @@ def test_plan_with_a_wrong_prefix_changes_nothing():
     with pytest.raises(PlanError, match="linears.under names module 'student.blocks'"):
         rk.quantize_model(m, plan)
     assert [type(a) for a in m.modules()] == [type(a) for a in before.modules()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n", [(2056, 128, 384), (8, 64, 40), (33, 3, 5)])
+def test_int8_linear_on_cuda_equals_the_specification(m, k, n):
+    """On a GPU: cuBLASLt's _int_mm where its shapes allow, the float64 fallback elsewhere."""
+    x = activations(m, k, outliers=min(2, k - 1)).cuda()
+    lin = linear(k, n).cuda()
+    y = QuantLinear(lin)(x)
+    spec = int8_linear_reference(x.cpu(), lin.weight.detach().cpu(), lin.bias.detach().cpu())
+    assert y.is_cuda and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double().cpu(), spec, rtol=2e-6, atol=2e-6 * spec.abs().max().item())
