@@ -76,11 +76,11 @@ def int8_linear(x: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor,
     ``w_scale``: (out,) float32. ``x``: (..., in) float; returns (..., out) in ``x.dtype``."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    fused = _cpu_fused()
-    if fused is not None and x2.device.type == "cpu" and x2.shape[-1] > 1 and x2.shape[0] > 0:
-        # one C++ call: quantize in one pass, integer GEMM, scales and bias in one pass
-        y = fused(x2.float().contiguous(), w_codes_t, w_scale.float().contiguous(),
-                  None if bias is None else bias.detach().float().contiguous())
+    if _cpu_fused() is not None and x2.device.type == "cpu" and x2.shape[-1] > 1 and x2.shape[0] > 0:
+        # one C++ call (a custom op, opaque to torch.compile / export): quantize in one pass,
+        # integer GEMM, scales and bias in one pass
+        y = torch.ops.raad.linear_int8(x2.float().contiguous(), w_codes_t, w_scale.float().contiguous(),
+                                       None if bias is None else bias.detach().float().contiguous())
         return y.to(x.dtype).reshape(*lead, w_codes_t.shape[1])
     xq, sx = quantize_rows_int8(x2)
     acc = _int_mm(xq, w_codes_t)
@@ -100,6 +100,18 @@ def _cpu_fused():
     except ImportError:
         return None
     return getattr(_cpu, "linear_int8", None)
+
+
+@torch.library.custom_op("raad::linear_int8", mutates_args=())
+def _linear_int8_op(x: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from . import _cpu
+    return _cpu.linear_int8(x, w_codes_t, w_scale, bias)
+
+
+@_linear_int8_op.register_fake
+def _(x, w_codes_t, w_scale, bias):
+    return x.new_empty((x.shape[0], w_codes_t.shape[1]))
 
 
 def _fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +155,11 @@ class QuantLinear(nn.Module):
             y = F.linear(_fake_quantize_rows(x), _fake_quantize_rows(self.weight),
                          None if self.bias is None else self.bias.float())
             return y.to(x.dtype)
+        if torch.compiler.is_compiling():
+            # traced graphs quantize the weight in the graph (the cache is Python state)
+            with torch.no_grad():
+                codes, scale = quantize_rows_int8(self.weight.detach())
+            return int8_linear(x, codes.t(), scale.reshape(-1), self.bias)
         codes_t, scale = self._weight_codes()
         return int8_linear(x, codes_t, scale, self.bias)
 

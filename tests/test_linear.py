@@ -271,3 +271,17 @@ def test_int8_linear_on_cuda_equals_the_specification(m, k, n):
     spec = int8_linear_reference(x.cpu(), lin.weight.detach().cpu(), lin.bias.detach().cpu())
     assert y.is_cuda and torch.isfinite(y).all()
     torch.testing.assert_close(y.double().cpu(), spec, rtol=2e-6, atol=2e-6 * spec.abs().max().item())
+
+
+def test_compile_fullgraph_and_export_run_the_same_arithmetic():
+    """The fused CPU kernel is a custom op (opaque to the compiler), the weight quantized in the
+    graph: torch.compile(fullgraph=True) and torch.export give the eager result."""
+    lin = linear(64, 48)
+    q = QuantLinear(lin).eval()
+    x = activations(300, 64)
+    with torch.no_grad():
+        ref = q(x)
+        y = torch.compile(q, fullgraph=True)(x)
+        e = torch.export.export(q, (x,)).module()(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(e, ref, rtol=0, atol=0)
