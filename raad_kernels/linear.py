@@ -21,26 +21,27 @@ or a list of module-name prefixes selects), in the manner of torchao's ``quantiz
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
+from .fake_quant import fake_quantize_rows
+
 LINEAR_BITS = (8,)
-QMAX = 127
 
 __all__ = ["QuantLinear", "quantize_linears", "quantize_rows_int8", "int8_linear", "int8_linear_reference"]
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``x ≈ scale * code`` → (codes int8, scales float32 of shape
-    ``x.shape[:-1] + (1,)``). All-zero rows get scale 1 (their codes are 0)."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    codes = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return codes, scale
+    """Symmetric per-row int8 (the attention's int8 row quantizer, :func:`quant.quantize`):
+    ``x ≈ scale * code`` → (codes int8, scales float32 of shape ``x.shape[:-1] + (1,)``).
+    All-zero rows get scale 1 (their codes are 0)."""
+    codes, scale = quant.quantize(x, 8)
+    return codes, scale[..., None]
 
 
 def _int_mm_ok(device: torch.device) -> bool:
@@ -89,37 +90,29 @@ def int8_linear(x: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor,
     return y.to(x.dtype).reshape(*lead, w_codes_t.shape[1])
 
 
+try:  # the CPU extension's fused kernel, looked up once (None where it is not built)
+    from ._cpu import linear_int8 as _FUSED_KERNEL
+except ImportError:
+    _FUSED_KERNEL = None
+
+
 def _cpu_fused():
     """The CPU extension's fused W8A8 linear, or None where it is not built (``RAAD_LINEAR_FUSED=0``
     forces the torch path, for comparisons)."""
-    import os
     if os.environ.get("RAAD_LINEAR_FUSED", "1") == "0":
         return None
-    try:
-        from . import _cpu
-    except ImportError:
-        return None
-    return getattr(_cpu, "linear_int8", None)
+    return _FUSED_KERNEL
 
 
 @torch.library.custom_op("raad::linear_int8", mutates_args=())
 def _linear_int8_op(x: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
-    from . import _cpu
-    return _cpu.linear_int8(x, w_codes_t, w_scale, bias)
+    return _FUSED_KERNEL(x, w_codes_t, w_scale, bias)
 
 
 @_linear_int8_op.register_fake
 def _(x, w_codes_t, w_scale, bias):
     return x.new_empty((x.shape[0], w_codes_t.shape[1]))
-
-
-def _fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    from .fake_quant import ste
-    with torch.no_grad():
-        codes, scale = quantize_rows_int8(x)
-        xq = codes.float() * scale
-    return ste(x.float(), xq)
 
 
 class QuantLinear(nn.Module):
@@ -140,6 +133,10 @@ class QuantLinear(nn.Module):
 
     def _weight_codes(self):
         w = self.weight
+        if torch.compiler.is_compiling():
+            # traced graphs quantize the weight in the graph (the cache is Python state)
+            codes, scale = quantize_rows_int8(w.detach())
+            return codes.t(), scale.reshape(-1)
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
@@ -152,14 +149,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: input's last dim is {x.shape[-1]}, the layer takes "
                              f"{self.in_features} features")
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            y = F.linear(_fake_quantize_rows(x), _fake_quantize_rows(self.weight),
+            y = F.linear(fake_quantize_rows(x.float(), 8), fake_quantize_rows(self.weight.float(), 8),
                          None if self.bias is None else self.bias.float())
             return y.to(x.dtype)
-        if torch.compiler.is_compiling():
-            # traced graphs quantize the weight in the graph (the cache is Python state)
-            with torch.no_grad():
-                codes, scale = quantize_rows_int8(self.weight.detach())
-            return int8_linear(x, codes.t(), scale.reshape(-1), self.bias)
         codes_t, scale = self._weight_codes()
         return int8_linear(x, codes_t, scale, self.bias)
 
@@ -176,6 +168,17 @@ def check_linear_bits(bits) -> int:
     return bits
 
 
+def check_under(model: nn.Module, under: Iterable[str], label: str) -> None:
+    """Every prefix in ``under`` names a module of ``model``, else a PlanError naming each one
+    that does not, with the nearest names (``label`` says where the prefixes came from)."""
+    from .plan import PlanError, nearest_names
+    names = [n for n, _ in model.named_modules() if n]
+    bad = [p for p in under if p not in names and p != ""]
+    if bad:
+        raise PlanError("\n".join(f"{label} names module {p!r}, which the model does not have; nearest "
+                                   f"names: {', '.join(nearest_names(p, names)) or '(none)'}" for p in bad))
+
+
 def quantize_linears(model: nn.Module, bits: int = 8, *, under: Optional[Iterable[str]] = None,
                      filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> list[str]:
     """Swap ``nn.Linear`` modules of ``model`` for :class:`QuantLinear`, in place; returns the
@@ -186,13 +189,8 @@ def quantize_linears(model: nn.Module, bits: int = 8, *, under: Optional[Iterabl
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_linears swaps the linears inside a model; for a single layer use "
                         "QuantLinear(linear)")
-    names = dict(model.named_modules())
     prefixes = None if under is None else [str(p) for p in under]
-    for p in prefixes or ():
-        if p not in names:
-            from .plan import PlanError, nearest_names
-            raise PlanError(f"linears: 'under' names module {p!r}, which the model does not have; "
-                            f"nearest names: {', '.join(nearest_names(p, [n for n in names if n])) or '(none)'}")
+    check_under(model, prefixes or (), "linears: 'under'")
     swapped = []
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear:

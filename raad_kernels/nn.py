@@ -584,20 +584,14 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     resolved = _resolve(plan)
-    linears = resolved[3] if resolved[0] == "layers" else None
+    from .linear import QuantLinear, check_linear_bits, check_under, quantize_linears
+    linears = dict(resolved[3] or {}) if resolved[0] == "layers" else {}
     if linear_bits is not None:
-        from .linear import check_linear_bits
-        linears = {"bits": check_linear_bits(linear_bits), **({"under": linears["under"]} if linears and "under" in linears else {})}
+        linears["bits"] = check_linear_bits(linear_bits)
+    if linears.get("under"):   # checked before anything is swapped: a bad plan changes nothing
+        source = resolved[2] if resolved[0] == "layers" else None
+        check_under(model, linears["under"], f"{plan_mod._where(source)}: linears.under")
     candidates, unswappable, covered = _classify(model)
-    if linears and linears.get("under"):
-        all_mods = dict(model.named_modules())
-        bad = [p for p in linears["under"] if p not in all_mods]
-        if bad:
-            source = resolved[2] if resolved[0] == "layers" else None
-            raise plan_mod.PlanError("\n".join(
-                f"{plan_mod._where(source)}: linears.under names module {p!r}, which the model does not have; "
-                f"nearest names: {', '.join(plan_mod.nearest_names(p, [n for n in all_mods if n])) or '(none)'}"
-                for p in bad))
 
     if resolved[0] == "layers":
         layers, source = resolved[1], resolved[2]
@@ -667,7 +661,6 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
                 setattr(parent, attr, qa)
         report.swapped.append(SwapEntry(name, qa.float_class, qk, pv, backend, score))
 
-    from .linear import QuantLinear, quantize_linears
     if linears:
         quantize_linears(new_root, linears["bits"], under=linears.get("under"))
     report.linears = [n for n, m in new_root.named_modules() if isinstance(m, QuantLinear)]
