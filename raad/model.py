@@ -365,17 +365,27 @@ class Detector(nn.Module):
         """The student–autoencoder squared discrepancy per patch, before ``ae_pos``."""
         return (self.ae(stem) - s_ae).pow(2).mean(dim=1)
 
-    def combine(self, st, ae):
-        """Quantile-normalised (0 at q_a, 0.1 at q_b, as EfficientAD) and averaged."""
+    def combine(self, st, ae, branch="both"):
+        """Quantile-normalised (0 at q_a, 0.1 at q_b, as EfficientAD) and averaged; ``branch``
+        "student" or "autoencoder" keeps that map alone (to see what each one finds)."""
         def norm(m, q):
             return 0.1 * (m - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
+        if branch not in ("both", "student", "autoencoder"):
+            raise ValueError(f"branch must be 'both', 'student' or 'autoencoder', got {branch!r}")
+        if branch != "student" and ae is None:
+            if branch == "autoencoder":
+                raise ValueError("branch='autoencoder': this detector has no autoencoder (use_ae=False)")
+            return norm(st, self.q_st)
+        if branch == "autoencoder":
+            return norm(ae, self.q_ae)
         out = norm(st, self.q_st)
-        return out if ae is None else 0.5 * (out + norm(ae, self.q_ae))
+        return out if branch == "student" else 0.5 * (out + norm(ae, self.q_ae))
 
-    def forward(self, image, out_size=None):
-        """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed."""
+    def forward(self, image, out_size=None, branch="both"):
+        """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed; ``branch``
+        as in :meth:`combine`."""
         st, ae = self.raw_maps(image)
-        m = self.combine(st, ae)[:, None]
+        m = self.combine(st, ae, branch)[:, None]
         size = out_size or image.shape[-2:]
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         sigma = self.cfg.smooth_sigma * size[0] / image.shape[-2]

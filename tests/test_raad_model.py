@@ -20,6 +20,31 @@ def test_effnet_detector_maps_at_image_size(stride):
     assert m.shape == (2, 64, 64) and torch.isfinite(m).all()
 
 
+def test_each_branch_alone_and_combined():
+    """``branch``: the student or autoencoder map alone, each quantile-normalised with its own
+    (q_a, q_b); "both" is their mean; a detector without an autoencoder refuses that branch."""
+    torch.manual_seed(0)
+    det = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1)).eval()
+    det.q_st.copy_(torch.tensor([0.5, 2.0]))
+    det.q_ae.copy_(torch.tensor([1.0, 3.0]))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        st, ae = det.raw_maps(x)
+        s = det(x, branch="student")
+        a = det(x, branch="autoencoder")
+        both = det(x)
+        s_raw = det.combine(st, ae, "student")
+    assert torch.allclose(s_raw, 0.1 * (st - 0.5) / 1.5)
+    assert torch.allclose(det.combine(st, ae, "autoencoder"), 0.1 * (ae - 1.0) / 2.0)
+    assert torch.allclose(both, 0.5 * (s + a), atol=1e-6)
+    assert not torch.allclose(s, a)
+    with pytest.raises(ValueError, match="branch"):
+        det(x, branch="teacher")
+    lone = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1, use_ae=False)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="no autoencoder"):
+        lone(x, branch="autoencoder")
+
+
 def test_vit_teacher_attention_follows_the_plan():
     torch.manual_seed(0)
     with warnings.catch_warnings():
