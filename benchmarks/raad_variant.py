@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import time
-
-import torch
 
 from raad import data as D
 from raad.model import ModelConfig
@@ -69,13 +66,12 @@ def main(argv=None):
            "fit_s": round(time.perf_counter() - t0, 1)}
     category = D.validate(args.category)
     branches = ("student", "autoencoder", "both") if cfg.use_ae else ("student",)
-    with torch.no_grad():
-        for branch in branches:
-            r = evaluate(_Branch(prep.det, branch), category, show=False)[0]
-            out[branch] = {"image_auroc": round(r["image_auroc"], 3), "pixel_auroc": round(r["pixel_auroc"], 3),
-                           "aupro": round(r["aupro"], 3),
-                           **{d: round(v["image_auroc"], 3) for d, v in r["per_defect"].items()}}
-    print(json.dumps(out, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    for branch in branches:  # evaluate() runs without autograd
+        r = evaluate(_Branch(prep.det, branch), category, show=False)[0]
+        out[branch] = {"image_auroc": round(r["image_auroc"], 3), "pixel_auroc": round(r["pixel_auroc"], 3),
+                       "aupro": round(r["aupro"], 3),
+                       **{d: round(v["image_auroc"], 3) for d, v in r["per_defect"].items()}}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

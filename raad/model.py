@@ -372,14 +372,12 @@ class Detector(nn.Module):
             return 0.1 * (m - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
         if branch not in ("both", "student", "autoencoder"):
             raise ValueError(f"branch must be 'both', 'student' or 'autoencoder', got {branch!r}")
-        if branch != "student" and ae is None:
-            if branch == "autoencoder":
-                raise ValueError("branch='autoencoder': this detector has no autoencoder (use_ae=False)")
-            return norm(st, self.q_st)
         if branch == "autoencoder":
+            if ae is None:
+                raise ValueError("branch='autoencoder': this detector has no autoencoder (use_ae=False)")
             return norm(ae, self.q_ae)
         out = norm(st, self.q_st)
-        return out if branch == "student" else 0.5 * (out + norm(ae, self.q_ae))
+        return out if branch == "student" or ae is None else 0.5 * (out + norm(ae, self.q_ae))
 
     def forward(self, image, out_size=None, branch="both"):
         """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed; ``branch``
