@@ -10,6 +10,15 @@ images with no student at all: an upper-bound check before choosing target block
 
 Prints one line per representation (and 3x3-pooled variant): channels, grid, image AUROC overall
 and per defect type.
+
+``--memory`` asks instead whether a nearest-neighbour memory of fine features could stand beside
+the detector: the bank is the training images ``raad fit`` trains on, each representation's
+distances are quantile-normalised on the images it holds out (as the detector's maps are), and
+block 1 (stride 4), the 3x3-pooled 4x4 mean colour and their maximum are scored; with ``--maps``
+(the ``maps.npz`` of ``raad score``) also their mean and maximum with the detector's map:
+
+    python benchmarks/raad_feature_probe.py demo_out/data/weave --memory \
+        --maps demo_out/scores_plan/weave/maps.npz
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from raad import data as D
 from raad.model import EffNetTeacher
+from raad.train import Q_HIGH, Q_LOW, FitOptions, holdout_split
 
 
 @torch.no_grad()
@@ -50,16 +60,84 @@ def nn_scores(train: torch.Tensor, test: torch.Tensor, bank: int, gen: torch.Gen
     return d.flatten(1).max(1).values.numpy()
 
 
+def nn_maps(bank: torch.Tensor, query: torch.Tensor, size: int) -> torch.Tensor:
+    """Each query cell's distance to its nearest bank cell (per-channel standardised on the
+    bank), upsampled to ``size`` pixels: (B, size, size)."""
+    mu = bank.mean((0, 2, 3), keepdim=True)
+    sd = bank.std((0, 2, 3), keepdim=True) + 1e-6
+    c = bank.shape[1]
+    cells = ((bank - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
+    q = ((query - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
+    b, _, h, w = query.shape
+    d = torch.cat([torch.cdist(part, cells).min(1).values for part in q.split(4096)]).view(b, 1, h, w)
+    return F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def image_scores(maps: torch.Tensor, size: int) -> np.ndarray:
+    """The maximum of each map inside a border of size/32 pixels (the padding artefacts)."""
+    r = max(1, size // 32)
+    return maps[:, r:-r, r:-r].flatten(1).max(1).values.numpy()
+
+
+def memory_probe(args, cat, items, teacher):
+    """The ``--memory`` report (see the module notes)."""
+    bank_paths, held_paths = holdout_split(list(cat.train), FitOptions.holdout, args.category)
+    load = lambda paths: torch.stack([D.load_image(p, args.size) for p in paths])  # noqa: E731
+    reps = {part: representations(teacher, x) for part, x in
+            [("bank", load(bank_paths)), ("held", load(held_paths)),
+             ("test", torch.stack([D.load_image(it.path, args.size) for it in items]))]}
+    maps = {}
+    for name, pool in (("block1", 1), ("colour/4", 3)):
+        pooled = {part: (F.avg_pool2d(r[name], pool, 1, pool // 2, count_include_pad=False) if pool > 1
+                         else r[name]) for part, r in reps.items()}
+        held = nn_maps(pooled["bank"], pooled["held"], args.size)
+        lo, hi = torch.quantile(held.flatten()[::5], torch.tensor([Q_LOW, Q_HIGH]))
+        maps[f"{name} pool {pool}"] = (nn_maps(pooled["bank"], pooled["test"], args.size) - lo) / (hi - lo)
+    names = list(maps)
+    memory = torch.maximum(maps[names[0]], maps[names[1]])
+    maps["memory: max of both"] = memory
+    if args.maps:
+        z = np.load(args.maps)
+        keys = [it.key for it in items]
+        missing = [k for k in keys if k not in z.files]
+        if missing:
+            raise SystemExit(f"--maps {args.maps}: no map for {missing[:3]} (is it this category's maps.npz?)")
+        # the detector's maps are 0.1 at its held-out q_high (EfficientAD's scale): x10 matches
+        det = 10.0 * torch.stack([torch.from_numpy(np.asarray(z[k], np.float32)) for k in keys])
+        det = F.interpolate(det[:, None], size=(args.size, args.size), mode="bilinear", align_corners=False)[:, 0]
+        maps["detector"] = det
+        maps["mean(detector, memory)"] = 0.5 * (det + memory)
+        maps["max(detector, memory)"] = torch.maximum(det, memory)
+    labels = np.array([it.label for it in items])
+    for name, m in maps.items():
+        print(f"{name:24s} " + "  ".join(f"{k} {v:.3f}" for k, v in
+                                         auroc_by_defect(cat, items, labels, image_scores(m, args.size)).items()),
+              flush=True)
+
+
+def auroc_by_defect(cat, items, labels, score) -> dict:
+    res = {"all": roc_auc_score(labels, score)}
+    for dt in cat.defect_types:
+        keep = np.array([it.defect in (dt, "good") for it in items])
+        res[dt] = roc_auc_score(labels[keep], score[keep])
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("category", help="a category folder in the MVTec layout")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--bank", type=int, default=20000, help="training cells kept per representation")
+    ap.add_argument("--memory", action="store_true",
+                    help="score a block-1 + local-colour memory, calibrated on held-out images")
+    ap.add_argument("--maps", help="with --memory: the detector's maps.npz (raad score) to combine with")
     args = ap.parse_args(argv)
     cat = D.validate(args.category)
     items = list(cat.test)
     labels = np.array([it.label for it in items])
     teacher = EffNetTeacher(target_blocks=(7,))  # blocks 0-7: strides 2 to 16
+    if args.memory:
+        return memory_probe(args, cat, items, teacher)
     train = representations(teacher, torch.stack([D.load_image(p, args.size) for p in cat.train]))
     test = representations(teacher, torch.stack([D.load_image(it.path, args.size) for it in items]))
     gen = torch.Generator().manual_seed(0)
@@ -69,11 +147,7 @@ def main(argv=None):
             if pool > 1:
                 a = F.avg_pool2d(a, pool, 1, pool // 2, count_include_pad=False)
                 b = F.avg_pool2d(b, pool, 1, pool // 2, count_include_pad=False)
-            score = nn_scores(a, b, args.bank, gen)
-            res = {"all": roc_auc_score(labels, score)}
-            for dt in cat.defect_types:
-                keep = np.array([it.defect in (dt, "good") for it in items])
-                res[dt] = roc_auc_score(labels[keep], score[keep])
+            res = auroc_by_defect(cat, items, labels, nn_scores(a, b, args.bank, gen))
             print(f"{name:9s} {a.shape[1]:4d} ch {a.shape[-2]:3d}x{a.shape[-1]:<3d} pool {pool}  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
 

@@ -201,18 +201,21 @@ class Prepared:
     n_train: int
 
 
+def holdout_split(paths: list, holdout: float, where) -> tuple[list, list]:
+    """(training paths, held-out paths): a fixed, spread-out hold-out of every k-th image, at
+    least 2, with at least 2 left to train on (``where`` names the folder in the error)."""
+    n_val = max(2, int(round(len(paths) * holdout)))
+    if len(paths) - n_val < 2:
+        raise D.DataError([(where, f"{len(paths)} images; at least {n_val + 2} are needed "
+                                   f"({n_val} held out for calibration and scoring)")])
+    val_idx = set(list(range(0, len(paths), max(1, len(paths) // n_val)))[:n_val])
+    return ([p for i, p in enumerate(paths) if i not in val_idx],
+            [p for i, p in enumerate(paths) if i in val_idx])
+
+
 def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prepared:
     cat = D.validate(category_dir, need_test=False)
-    paths = list(cat.train)
-    n_val = max(2, int(round(len(paths) * opts.holdout)))
-    if len(paths) - n_val < 2:
-        raise D.DataError([(Path(category_dir) / "train" / "good",
-                            f"{len(paths)} images; at least {n_val + 2} are needed "
-                            f"({n_val} held out for calibration and scoring)")])
-    # a fixed, spread-out hold-out: every k-th image
-    val_idx = set(list(range(0, len(paths), max(1, len(paths) // n_val)))[:n_val])
-    train_paths = [p for i, p in enumerate(paths) if i not in val_idx]
-    val_paths = [p for i, p in enumerate(paths) if i in val_idx]
+    train_paths, val_paths = holdout_split(list(cat.train), opts.holdout, Path(category_dir) / "train" / "good")
     torch.manual_seed(opts.seed)
     det = Detector(cfg)
     images = load_images(train_paths, cfg.image_size, show)

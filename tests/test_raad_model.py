@@ -160,3 +160,18 @@ def test_effnet_teacher_folded_and_nhwc_computes_the_packaged_network():
     for got, want in ((stem, stem_ref), (t, h)):
         assert got.shape == want.shape
         assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_holdout_split_is_spread_disjoint_and_refuses_too_few_images():
+    """The held-out images (calibration, and the feature probe's memory) are every k-th one,
+    never trained on; too few images name the folder."""
+    from raad.data import DataError
+    from raad.train import holdout_split
+
+    paths = [f"{i:03d}.png" for i in range(60)]
+    train, held = holdout_split(paths, 0.15, "cat/train/good")
+    assert len(held) == 9 and len(train) == 51
+    assert set(train).isdisjoint(held) and sorted(train + held) == paths
+    assert held == paths[0:54:6]  # spread over the folder, not its first nine
+    with pytest.raises(DataError, match=r"cat/train/good.*3 images; at least 4"):
+        holdout_split(paths[:3], 0.15, "cat/train/good")
