@@ -14,7 +14,9 @@ from .model import ModelConfig
 from .score import bench, score
 from .train import FitOptions, fit
 
-DEMO_CATEGORIES = ("pcb", "weave")
+#: every synthetic category (two textures, two objects): the demo shows where the detector is
+#: weak as well as where it is strong
+DEMO_CATEGORIES = tuple(D.SYNTHETIC_CATEGORIES)
 
 
 def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
