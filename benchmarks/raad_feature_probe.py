@@ -45,31 +45,36 @@ def representations(teacher: EffNetTeacher, images: torch.Tensor) -> dict:
     return out
 
 
+def pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """``x`` averaged over ``pool``x``pool`` neighbourhoods (same size; no pooling at 1)."""
+    return F.avg_pool2d(x, pool, 1, pool // 2, count_include_pad=False) if pool > 1 else x
+
+
+def nn_distances(bank: torch.Tensor, query: torch.Tensor, keep: int | None = None,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """Each query cell's distance to its nearest bank cell, per-channel standardised on the
+    bank, (B, h, w); ``keep``: subsample the bank to that many cells."""
+    mu = bank.mean((0, 2, 3), keepdim=True)
+    sd = bank.std((0, 2, 3), keepdim=True) + 1e-6
+    c = bank.shape[1]
+    cells = ((bank - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
+    if keep is not None and len(cells) > keep:
+        cells = cells[torch.randperm(len(cells), generator=gen)[:keep]]
+    q = ((query - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
+    b, _, h, w = query.shape
+    return torch.cat([torch.cdist(part, cells).min(1).values for part in q.split(4096)]).view(b, h, w)
+
+
 def nn_scores(train: torch.Tensor, test: torch.Tensor, bank: int, gen: torch.Generator) -> np.ndarray:
-    mu = train.mean((0, 2, 3), keepdim=True)
-    sd = train.std((0, 2, 3), keepdim=True) + 1e-6
-    c = train.shape[1]
-    cells = ((train - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
-    if len(cells) > bank:
-        cells = cells[torch.randperm(len(cells), generator=gen)[:bank]]
-    q = ((test - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
-    b, _, h, w = test.shape
-    d = torch.cat([torch.cdist(part, cells).min(1).values for part in q.split(4096)]).view(b, h, w)
-    if h > 4:  # the border ring carries the zero padding's artefacts
+    d = nn_distances(train, test, bank, gen)
+    if d.shape[-2] > 4:  # the border ring carries the zero padding's artefacts
         d = d[:, 1:-1, 1:-1]
     return d.flatten(1).max(1).values.numpy()
 
 
 def nn_maps(bank: torch.Tensor, query: torch.Tensor, size: int) -> torch.Tensor:
-    """Each query cell's distance to its nearest bank cell (per-channel standardised on the
-    bank), upsampled to ``size`` pixels: (B, size, size)."""
-    mu = bank.mean((0, 2, 3), keepdim=True)
-    sd = bank.std((0, 2, 3), keepdim=True) + 1e-6
-    c = bank.shape[1]
-    cells = ((bank - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
-    q = ((query - mu) / sd).permute(0, 2, 3, 1).reshape(-1, c)
-    b, _, h, w = query.shape
-    d = torch.cat([torch.cdist(part, cells).min(1).values for part in q.split(4096)]).view(b, 1, h, w)
+    """:func:`nn_distances` against the whole bank, upsampled to ``size`` pixels."""
+    d = nn_distances(bank, query)[:, None]
     return F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -88,11 +93,10 @@ def memory_probe(args, cat, items, teacher):
              ("test", torch.stack([D.load_image(it.path, args.size) for it in items]))]}
     maps = {}
     for name, pool in (("block1", 1), ("colour/4", 3)):
-        pooled = {part: (F.avg_pool2d(r[name], pool, 1, pool // 2, count_include_pad=False) if pool > 1
-                         else r[name]) for part, r in reps.items()}
-        held = nn_maps(pooled["bank"], pooled["held"], args.size)
+        rep = {part: pooled(r[name], pool) for part, r in reps.items()}
+        held = nn_maps(rep["bank"], rep["held"], args.size)
         lo, hi = torch.quantile(held.flatten()[::5], torch.tensor([Q_LOW, Q_HIGH]))
-        maps[f"{name} pool {pool}"] = (nn_maps(pooled["bank"], pooled["test"], args.size) - lo) / (hi - lo)
+        maps[f"{name} pool {pool}"] = (nn_maps(rep["bank"], rep["test"], args.size) - lo) / (hi - lo)
     names = list(maps)
     memory = torch.maximum(maps[names[0]], maps[names[1]])
     maps["memory: max of both"] = memory
@@ -143,10 +147,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     for name in train:
         for pool in (1, 3):
-            a, b = train[name], test[name]
-            if pool > 1:
-                a = F.avg_pool2d(a, pool, 1, pool // 2, count_include_pad=False)
-                b = F.avg_pool2d(b, pool, 1, pool // 2, count_include_pad=False)
+            a, b = pooled(train[name], pool), pooled(test[name], pool)
             res = auroc_by_defect(cat, items, labels, nn_scores(a, b, args.bank, gen))
             print(f"{name:9s} {a.shape[1]:4d} ch {a.shape[-2]:3d}x{a.shape[-1]:<3d} pool {pool}  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
