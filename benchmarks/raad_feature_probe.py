@@ -84,21 +84,20 @@ def image_scores(maps: torch.Tensor, size: int) -> np.ndarray:
     return maps[:, r:-r, r:-r].flatten(1).max(1).values.numpy()
 
 
-def memory_probe(args, cat, items, teacher):
+def memory_probe(args, cat, items, labels, teacher):
     """The ``--memory`` report (see the module notes)."""
     bank_paths, held_paths = holdout_split(list(cat.train), FitOptions.holdout, args.category)
-    load = lambda paths: torch.stack([D.load_image(p, args.size) for p in paths])  # noqa: E731
-    reps = {part: representations(teacher, x) for part, x in
-            [("bank", load(bank_paths)), ("held", load(held_paths)),
-             ("test", torch.stack([D.load_image(it.path, args.size) for it in items]))]}
+    bank = representations(teacher, torch.stack([D.load_image(p, args.size) for p in bank_paths]))
+    # held-out and test images in one batch: one search of the bank gives both
+    queries = representations(teacher, torch.stack([D.load_image(p, args.size) for p in held_paths]
+                                                    + [D.load_image(it.path, args.size) for it in items]))
     maps = {}
     for name, pool in (("block1", 1), ("colour/4", 3)):
-        rep = {part: pooled(r[name], pool) for part, r in reps.items()}
-        held = nn_maps(rep["bank"], rep["held"], args.size)
+        held, test = nn_maps(pooled(bank[name], pool), pooled(queries[name], pool), args.size).split(
+            [len(held_paths), len(items)])
         lo, hi = torch.quantile(held.flatten()[::5], torch.tensor([Q_LOW, Q_HIGH]))
-        maps[f"{name} pool {pool}"] = (nn_maps(rep["bank"], rep["test"], args.size) - lo) / (hi - lo)
-    names = list(maps)
-    memory = torch.maximum(maps[names[0]], maps[names[1]])
+        maps[f"{name} pool {pool}"] = (test - lo) / (hi - lo)
+    memory = torch.maximum(*maps.values())
     maps["memory: max of both"] = memory
     if args.maps:
         z = np.load(args.maps)
@@ -112,7 +111,6 @@ def memory_probe(args, cat, items, teacher):
         maps["detector"] = det
         maps["mean(detector, memory)"] = 0.5 * (det + memory)
         maps["max(detector, memory)"] = torch.maximum(det, memory)
-    labels = np.array([it.label for it in items])
     for name, m in maps.items():
         print(f"{name:24s} " + "  ".join(f"{k} {v:.3f}" for k, v in
                                          auroc_by_defect(cat, items, labels, image_scores(m, args.size)).items()),
@@ -141,7 +139,7 @@ def main(argv=None):
     labels = np.array([it.label for it in items])
     teacher = EffNetTeacher(target_blocks=(7,))  # blocks 0-7: strides 2 to 16
     if args.memory:
-        return memory_probe(args, cat, items, teacher)
+        return memory_probe(args, cat, items, labels, teacher)
     train = representations(teacher, torch.stack([D.load_image(p, args.size) for p in cat.train]))
     test = representations(teacher, torch.stack([D.load_image(it.path, args.size) for it in items]))
     gen = torch.Generator().manual_seed(0)
