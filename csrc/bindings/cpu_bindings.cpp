@@ -14,6 +14,7 @@
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
 #include "cpu/linear_int8.h"
+#include "cpu/nearest.h"
 
 namespace {
 
@@ -249,6 +250,48 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w_codes_t
   return y;
 }
 
+torch::Tensor nearest_sq_distance(const torch::Tensor& q, const torch::Tensor& bank_t, const torch::Tensor& b_sq) {
+  for (const auto* t : {&q, &bank_t, &b_sq}) {
+    RAAD_CHECK_TYPE(t->scalar_type() == torch::kFloat, "nearest_sq_distance takes float32 tensors, got ",
+                    t->scalar_type());
+    RAAD_CHECK_VALUE(t->device().is_cpu() && t->is_contiguous(), "nearest_sq_distance takes contiguous CPU tensors");
+  }
+  RAAD_CHECK_VALUE(q.dim() == 2 && bank_t.dim() == 2 && bank_t.size(0) == q.size(1), "q must be (M, K) and bank_t (K, N); got ",
+                   q.sizes(), " and ", bank_t.sizes());
+  const int64_t n = bank_t.size(1);
+  RAAD_CHECK_VALUE(n > 0 && n % rc::kNearestCols == 0, "bank_t's N must be a positive multiple of ",
+                   rc::kNearestCols, " (pad with b_sq = inf), got ", n);
+  RAAD_CHECK_VALUE(b_sq.dim() == 1 && b_sq.size(0) == n, "b_sq must be (", n, ",), got ", b_sq.sizes());
+  RAAD_CHECK_VALUE(q.size(1) <= 512, "nearest_sq_distance takes at most 512 channels, got ", q.size(1));
+  auto out = torch::empty({q.size(0)}, q.options());
+  rc::nearest_sq_f32(q.data_ptr<float>(), q.size(0), q.size(1), bank_t.data_ptr<float>(), b_sq.data_ptr<float>(), n,
+                     out.data_ptr<float>(), at::get_num_threads());
+  return out;
+}
+
+torch::Tensor nearest_sq_distance_i8(const torch::Tensor& q_u8, const torch::Tensor& s_q, const torch::Tensor& q_sq,
+                                     const torch::Tensor& bank_packed, const torch::Tensor& col128,
+                                     const torch::Tensor& b_sq, double s_b) {
+  RAAD_CHECK_VALUE(raad::cpu_features().avx512vnni, "nearest_sq_distance_i8 needs AVX-512 VNNI, which this CPU lacks");
+  RAAD_CHECK_TYPE(q_u8.scalar_type() == torch::kByte && bank_packed.scalar_type() == torch::kChar &&
+                      col128.scalar_type() == torch::kInt && s_q.scalar_type() == torch::kFloat &&
+                      q_sq.scalar_type() == torch::kFloat && b_sq.scalar_type() == torch::kFloat,
+                  "nearest_sq_distance_i8: q_u8 uint8, bank_packed int8, col128 int32, s_q / q_sq / b_sq float32");
+  for (const auto* t : {&q_u8, &s_q, &q_sq, &bank_packed, &col128, &b_sq})
+    RAAD_CHECK_VALUE(t->device().is_cpu() && t->is_contiguous(), "nearest_sq_distance_i8 takes contiguous CPU tensors");
+  const int64_t m = q_u8.size(0), k = q_u8.size(1), n = b_sq.size(0);
+  RAAD_CHECK_VALUE(q_u8.dim() == 2 && k % 4 == 0, "q_u8 must be (M, K) with K a multiple of 4, got ", q_u8.sizes());
+  RAAD_CHECK_VALUE(n > 0 && n % rc::kNearestCols == 0 && col128.numel() == n && bank_packed.numel() == n * k,
+                   "the bank must hold N x K codes with N a positive multiple of ", rc::kNearestCols,
+                   " (col128 and b_sq N long), got N=", n, ", codes ", bank_packed.numel());
+  RAAD_CHECK_VALUE(s_q.numel() == m && q_sq.numel() == m, "s_q and q_sq must be (M,)");
+  auto out = torch::empty({m}, s_q.options());
+  rc::nearest_sq_i8_avx512vnni(q_u8.data_ptr<uint8_t>(), s_q.data_ptr<float>(), q_sq.data_ptr<float>(), m, k,
+                               bank_packed.data_ptr<int8_t>(), col128.data_ptr<int32_t>(), b_sq.data_ptr<float>(),
+                               static_cast<float>(s_b), n, out.data_ptr<float>(), at::get_num_threads());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -271,5 +314,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8, "W8A8 linear: x float32 (M, K) contiguous, w_codes_t int8 (K, N), "
         "w_scale float32 (N,), bias float32 (N,) or None -> float32 (M, N) (see raad_kernels.linear)",
         py::arg("x"), py::arg("w_codes_t"), py::arg("w_scale"), py::arg("bias") = py::none());
+  m.def("nearest_sq_distance", &nearest_sq_distance, "Each row of q (M, K): squared distance to its nearest "
+        "column of bank_t (K, N), N a multiple of 64, b_sq (N,) the columns' squared norms (inf: padding) "
+        "(see raad_kernels.nearest)", py::arg("q"), py::arg("bank_t"), py::arg("b_sq"));
+  m.def("nearest_sq_distance_i8", &nearest_sq_distance_i8, "The int8 search on AVX-512 VNNI (see "
+        "raad_kernels.nearest.nearest_sq_distance_int8)", py::arg("q_u8"), py::arg("s_q"), py::arg("q_sq"),
+        py::arg("bank_packed"), py::arg("col128"), py::arg("b_sq"), py::arg("s_b"));
   m.def("avx512_status", &avx512_status, "Whether the AVX-512 kernels are in use, and their self-check result");
 }
