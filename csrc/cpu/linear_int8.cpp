@@ -8,11 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(RAAD_NO_CLONES)
-#define RAAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RAAD_CLONES
-#endif
+#include "cpu/clones.h"
 
 namespace raad::cpu {
 

@@ -1,5 +1,4 @@
-// See nearest.h. Plain loops the compiler vectorises (as linear_int8.cpp): each function is built
-// for AVX-512, AVX2 and baseline x86-64 and the loader picks the clone the running CPU has.
+// See nearest.h. Plain loops the compiler vectorises, built per ISA by RAAD_CLONES.
 #include "cpu/nearest.h"
 
 #include <omp.h>
@@ -7,11 +6,7 @@
 #include <algorithm>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(RAAD_NO_CLONES)
-#define RAAD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RAAD_CLONES
-#endif
+#include "cpu/clones.h"
 
 namespace raad::cpu {
 
