@@ -10,8 +10,9 @@ from pathlib import Path
 from .io import atomic_path, atomic_write_text
 
 RUN_FORMAT = "raad-run"
-RUN_VERSION = 4  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
-#                 3: per-position autoencoder map normalisation (ae_pos); 4: student border ring (st_pos)
+RUN_VERSION = 5  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
+#                 3: per-position autoencoder map normalisation (ae_pos); 4: student border ring (st_pos);
+#                 5: fine-feature memory (memory.*, config memory / memory_size / memory_radius)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"
@@ -109,4 +110,6 @@ def load_run(run_dir, *, precision: str = "plan", backend: str = "auto"):
             raise RunError(str(e)) from None
     if precision == "plan" and plan is not None:
         rk.quantize_model(det, plan, backend=backend)
+        if det.memory is not None:   # the plan runs the memory's fine search at int8 too
+            det.memory.int8 = True
     return det, config, plan

@@ -16,7 +16,7 @@ def _model_cfg(args):
     from .model import ModelConfig
     return ModelConfig(image_size=args.image_size, teacher=args.teacher, stride=args.stride,
                        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-                       use_ae=not args.no_ae)
+                       use_ae=not args.no_ae, memory=args.memory, memory_size=args.memory_size)
 
 
 def _fit_opts(args):
@@ -84,6 +84,7 @@ def build_parser():
 
     def model_args(s):
         # defaults come from the dataclasses, so the CLI, `raad demo` and the Python API agree
+        from .memory import MODES as MEMORY_MODES
         from .model import ModelConfig
         from .train import FitOptions
         m, f = ModelConfig(), FitOptions()
@@ -95,6 +96,12 @@ def build_parser():
         s.add_argument("--depth", type=int, default=m.depth)
         s.add_argument("--num-heads", type=int, default=m.num_heads)
         s.add_argument("--no-ae", action="store_true", help="no autoencoder branch")
+        s.add_argument("--memory", default=m.memory, choices=MEMORY_MODES,
+                       help="nearest-neighbour memory of fine features beside the student: global "
+                            "(textures, objects in any pose), local (fixed layouts: the search "
+                            "weighs each cell's place), auto (chosen from the training images), off")
+        s.add_argument("--memory-size", type=int, default=m.memory_size,
+                       help="training cells the memory keeps (greedy coreset)")
         s.add_argument("--steps", type=int, default=f.steps)
         s.add_argument("--stage2-steps", type=int, default=f.stage2_steps)
         s.add_argument("--batch-size", type=int, default=f.batch_size)

@@ -16,6 +16,8 @@ Design (after EfficientAD, with a ViT student):
   plan. It predicts the teacher targets and, second head, the autoencoder's output.
 * Autoencoder: compresses the stem features to a 64-d code and decodes the teacher targets, so
   it only reproduces what is globally typical (missing or misplaced parts).
+* Memory (``raad.memory``, ``memory`` != "off"): nearest-neighbour distances of block 1 and of the
+  local colour to a coreset of training cells; its map is averaged with the other two's mean.
 * Anomaly map: mean over channels of (T − S)² and of (A − S_ae)², each quantile-normalised on
   held-out normal images, averaged, upsampled to the image and Gaussian-smoothed. Both maps are
   first divided per grid position by a profile from the training images, because the image
@@ -34,11 +36,13 @@ Design (after EfficientAD, with a ViT student):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import memory as M
 
 @dataclass
 class ModelConfig:
@@ -55,6 +59,10 @@ class ModelConfig:
     ae_code: int = 64
     use_ae: bool = True
     smooth_sigma: float = 2.0  # Gaussian smoothing of the upsampled map, in image pixels
+    memory: str = "auto"     # fine-feature memory (raad.memory): off | global | local | auto
+    memory_size: int = 2048  # fine cells kept (greedy coreset; capped when fitting)
+    memory_place: float = 1.0  # local: distance per cell of displacement (standardised units)
+    memory_radius: int = 2   # auto: the window, in stride-4 cells, of the fixed-layout test
 
     def to_dict(self):
         return asdict(self)
@@ -149,11 +157,18 @@ class EffNetTeacher(nn.Module):
     def train(self, mode: bool = True):  # frozen: batch-norm statistics never move
         return super().train(False)
 
-    def stem(self, x):
+    fine_block = 1  # the memory's fine features (stride 4, 24 channels; raad.memory)
+    fine_channels = 24
+
+    def stem(self, x, fine: bool = False):
+        """The stride-4 stem; with ``fine``, (stem, block 1's output) from the same pass."""
         h = self.act(self.bn0(self.conv_stem(x.contiguous(memory_format=torch.channels_last))))
-        for blk in self.blocks[: self.stem_end]:
+        kept = None
+        for i, blk in enumerate(self.blocks[: self.stem_end]):
             h = blk(h)
-        return h
+            if i == self.fine_block:
+                kept = h
+        return (h, kept.contiguous()) if fine else h
 
     def targets(self, stem, grid):
         """The target blocks' features resized to the student's ``grid`` (a (h, w) pair)."""
@@ -315,7 +330,14 @@ class Detector(nn.Module):
             raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
         if cfg.stride not in (4, 8):
             raise ValueError(f"stride must be 4 or 8 (image pixels per student token), got {cfg.stride}")
-        self.cfg = cfg
+        if cfg.memory not in M.MODES:
+            raise ValueError(f"--memory must be one of {list(M.MODES)}, got {cfg.memory!r}")
+        if cfg.memory in ("global", "local") and cfg.teacher != "effnet-lite0":
+            raise ValueError(f"--memory {cfg.memory}: the memory reads EfficientNet-Lite0 block 1; "
+                             f"use --memory off with --teacher {cfg.teacher}")
+        # its own copy: fitting resolves the memory's mode and size; "auto" with another
+        # teacher is off (the memory reads EfficientNet-Lite0 block 1)
+        self.cfg = replace(cfg, memory="off" if cfg.teacher != "effnet-lite0" else cfg.memory)
         self.teacher = build_teacher(cfg)
         grid = cfg.grid
         c_t = self.teacher.target_channels
@@ -335,26 +357,40 @@ class Detector(nn.Module):
         # per-position profiles of the two maps on the training images (see the module notes)
         self.register_buffer("st_pos", torch.ones(1, grid, grid))
         self.register_buffer("ae_pos", torch.ones(1, grid, grid))
+        self.memory = None
+        if cfg.memory in ("global", "local"):
+            self.set_memory(cfg.memory, cfg.memory_size)
+
+    def set_memory(self, mode: str, size: int) -> M.FeatureMemory:
+        """Attach an (empty) memory of ``mode`` and bank ``size``; recorded in ``cfg``."""
+        self.cfg.memory, self.cfg.memory_size = mode, int(size)
+        channels = {"fine": self.teacher.fine_channels, "colour": 3}
+        self.memory = M.FeatureMemory(mode, size, channels, self.cfg.memory_place)
+        return self.memory
 
     # -- pieces ------------------------------------------------------------------------------
-    def teacher_features(self, image):
-        """(student input, normalised targets) for an ImageNet-normalised image batch."""
+    def teacher_features(self, image, memory: bool = False):
+        """(student input, normalised targets) for an ImageNet-normalised image batch; with
+        ``memory``, also the memory's representations ``{"fine", "colour"}`` from the same pass."""
         with torch.no_grad():
-            stem = self.teacher.stem(image)
+            stem = self.teacher.stem(image, fine=True) if memory else self.teacher.stem(image)
+            if memory:
+                stem, fine = stem
             g = (image.shape[-2] // self.cfg.stride, image.shape[-1] // self.cfg.stride)
             t = (self.teacher.targets(stem if not self.cfg.teacher.startswith("timm:") else image, g)
                  - self.t_mean) / self.t_std
-        return (stem - self.s_mean) / self.s_std, t
+        out = ((stem - self.s_mean) / self.s_std, t)
+        return out + ({"fine": fine, "colour": M.colour_cells(image)},) if memory else out
 
-    def raw_maps(self, image):
+    def raw_maps(self, image, memory: bool = False):
         """Per-patch squared discrepancies on the student's grid, student–teacher and
-        student–AE, each divided by its per-position profile (``st_pos``, ``ae_pos``)."""
-        stem, t = self.teacher_features(image)
+        student–AE, each divided by its per-position profile (``st_pos``, ``ae_pos``); with
+        ``memory``, a third item: the memory's map (stride 4, already normalised)."""
+        stem, t, *feats = self.teacher_features(image, memory)
         s, s_ae = self.student(stem)
         st = _per_position(self.st_error(t, s), self.st_pos)
-        if self.ae is None:
-            return st, None
-        return st, _per_position(self.ae_error(stem, s_ae), self.ae_pos)
+        ae = None if self.ae is None else _per_position(self.ae_error(stem, s_ae), self.ae_pos)
+        return (st, ae, self.memory(feats[0])) if memory else (st, ae)
 
     @staticmethod
     def st_error(t, s):
@@ -365,25 +401,37 @@ class Detector(nn.Module):
         """The student–autoencoder squared discrepancy per patch, before ``ae_pos``."""
         return (self.ae(stem) - s_ae).pow(2).mean(dim=1)
 
-    def combine(self, st, ae, branch="both"):
-        """Quantile-normalised (0 at q_a, 0.1 at q_b, as EfficientAD) and averaged; ``branch``
-        "student" or "autoencoder" keeps that map alone (to see what each one finds)."""
+    BRANCHES = ("both", "student", "autoencoder", "memory")
+
+    def combine(self, st, ae, memory=None, branch="both"):
+        """Quantile-normalised (0 at q_a, 0.1 at q_b, as EfficientAD) and averaged; with the
+        memory's map, the mean of that and the detector's (on the memory's finer grid);
+        ``branch`` "student", "autoencoder" or "memory" keeps that map alone (to see what each
+        one finds)."""
         def norm(m, q):
             return 0.1 * (m - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
-        if branch not in ("both", "student", "autoencoder"):
-            raise ValueError(f"branch must be 'both', 'student' or 'autoencoder', got {branch!r}")
+        if branch not in self.BRANCHES:
+            raise ValueError(f"branch must be one of {list(self.BRANCHES)}, got {branch!r}")
         if branch == "autoencoder":
             if ae is None:
                 raise ValueError("branch='autoencoder': this detector has no autoencoder (use_ae=False)")
             return norm(ae, self.q_ae)
+        if branch == "memory":
+            if memory is None:
+                raise ValueError("branch='memory': this detector has no memory (--memory off)")
+            return memory
         out = norm(st, self.q_st)
-        return out if branch == "student" or ae is None else 0.5 * (out + norm(ae, self.q_ae))
+        out = out if branch == "student" or ae is None else 0.5 * (out + norm(ae, self.q_ae))
+        if memory is None or branch == "student":
+            return out
+        out = F.interpolate(out[:, None], size=memory.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return 0.5 * (out + memory)
 
     def forward(self, image, out_size=None, branch="both"):
         """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed; ``branch``
         as in :meth:`combine`."""
-        st, ae = self.raw_maps(image)
-        m = self.combine(st, ae, branch)[:, None]
+        use_memory = self.memory is not None and branch in ("both", "memory")
+        m = self.combine(*self.raw_maps(image, use_memory), branch=branch)[:, None]
         size = out_size or image.shape[-2:]
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         sigma = self.cfg.smooth_sigma * size[0] / image.shape[-2]

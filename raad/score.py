@@ -131,8 +131,8 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
     the same images (median of ``repeats`` batches each); ``speedup`` is the median over the
     rounds of fp32 time / plan time (each round times every variant once, back to back). When
-    the plan also runs linears at int8, the plan's attention alone (linears float) is timed in
-    the same loop, so the share of each part of the plan is visible
+    the plan also runs linears at int8, the plan's attention alone (linears and the memory's
+    search float) is timed in the same loop, so the share of each part of the plan is visible
     (``attention_only_images_per_s``).
 
     ``data_dir``: a category folder (or a folder of them) whose first ``batch`` test images are

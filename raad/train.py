@@ -29,6 +29,7 @@ import raad_kernels as rk
 
 from . import data as D
 from . import hqs
+from . import memory as M
 from .checkpoint import save_json, save_run
 from .model import Detector, ModelConfig
 
@@ -169,6 +170,8 @@ def calibrate(det: Detector, normals: torch.Tensor, stems: torch.Tensor, targets
     det.q_st.copy_(torch.quantile(torch.cat(sts), qs))
     if aes:
         det.q_ae.copy_(torch.quantile(torch.cat(aes), qs))
+    if det.memory is not None:   # again: after stage 1 its fine search runs at int8
+        det.memory.calibrate(memory_features(det, normals), Q_LOW, Q_HIGH)
 
 
 @torch.no_grad()
@@ -199,6 +202,30 @@ class Prepared:
     targets: torch.Tensor
     normals: torch.Tensor
     n_train: int
+    memory: dict | None = None   # what build_memory chose (mode, size, layout ratio)
+
+
+@torch.no_grad()
+def memory_features(det: Detector, images: torch.Tensor, batch: int = 8) -> dict:
+    """The memory's representations of ``images`` (see :mod:`raad.memory`)."""
+    parts = [det.teacher_features(images[i:i + batch], memory=True)[2] for i in range(0, len(images), batch)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def build_memory(det: Detector, images: torch.Tensor, normals: torch.Tensor, seed: int = 0) -> dict:
+    """Resolve ``--memory auto``, fill the memory from the training ``images`` and calibrate it
+    on the held-out ``normals``. Returns what was chosen."""
+    bank, held = memory_features(det, images), memory_features(det, normals)
+    mode, ratio = det.cfg.memory, None
+    if mode == "auto":
+        ratio = M.layout_ratio(bank, held, det.cfg.memory_radius)
+        mode = "local" if ratio < M.FIXED_LAYOUT_RATIO else "global"
+    cells = bank["fine"].shape[0] * bank["fine"].shape[-2] * bank["fine"].shape[-1]
+    size = min(det.cfg.memory_size, cells)
+    mem = det.set_memory(mode, size)
+    mem.build(bank, seed)
+    mem.calibrate(held, Q_LOW, Q_HIGH)
+    return {"mode": mode, "size": size, "layout_ratio": None if ratio is None else round(ratio, 3)}
 
 
 def holdout_split(paths: list, holdout: float, where) -> tuple[list, list]:
@@ -227,7 +254,8 @@ def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prep
     det.t_mean.copy_(targets.mean(dim=(0, 2, 3), keepdim=True))
     det.t_std.copy_(targets.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
     targets = (targets - det.t_mean) / det.t_std
-    return Prepared(cat.name, det, stems, targets, normals, len(train_paths))
+    memory = build_memory(det, images, normals, opts.seed) if det.cfg.memory != "off" else None
+    return Prepared(cat.name, det, stems, targets, normals, len(train_paths), memory)
 
 
 def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
@@ -268,6 +296,8 @@ def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOp
     if stage2 and weights is None:
         weights = discrepancy_weights(det, prep.stems, prep.targets)
     rk.quantize_model(det, deployment_plan(plan, opts), backend=opts.backend)
+    if det.memory is not None:
+        det.memory.int8 = True
     log = []
     if stage2 and opts.stage2_steps:
         log = train(det, prep.stems, prep.targets, opts.stage2_steps, opts.stage2_lr, opts.batch_size,
@@ -283,7 +313,8 @@ def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show
     t_start = time.perf_counter()
     prep = prepare(category_dir, cfg, opts, show)
     summary = {"category": prep.category, "train_images": prep.n_train,
-               "holdout_images": len(prep.normals), "train_log": train_float(prep, opts, show)}
+               "holdout_images": len(prep.normals), "memory": prep.memory,
+               "train_log": train_float(prep, opts, show)}
     plan = None
     if opts.avg_bits != hqs.FLOAT_BITS:
         plan, scores = hqs_plan(prep, opts, show)

@@ -76,6 +76,33 @@ def test_score_writes_metrics_maps_and_overlays(fitted, tmp_path, precision):
     assert (m["plan"] is None) == (precision == "fp32")
 
 
+def test_a_memory_run_saves_loads_and_scores(fitted, tmp_path):
+    """``--memory auto`` resolves to a mode at fit time; the run folder records it, reloads to the
+    same maps and scores."""
+    import torch
+
+    from raad.checkpoint import load_run
+    from raad.data import load_image
+    data, _ = fitted
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--out", str(run), "--quiet", "--memory", "auto"] + TINY) == 0
+    config = json.loads((run / "pcb" / "config.json").read_text())
+    chosen = json.loads((run / "pcb" / "fit_log.json").read_text())["memory"]
+    assert config["model"]["memory"] == chosen["mode"] in ("global", "local")
+    assert config["model"]["memory_size"] == chosen["size"] >= 1
+    det, _, _ = load_run(run / "pcb", precision="fp32")
+    again, _, _ = load_run(run / "pcb", precision="fp32")
+    q = det.memory.fine_q
+    assert det.memory.mode == chosen["mode"] and (q[:, 1] > q[:, 0]).all()
+    x = torch.stack([load_image(p, 64) for p in sorted((data / "pcb" / "test" / "missing").glob("*.png"))])
+    with torch.no_grad():
+        assert torch.equal(det(x), again(x))
+        assert not torch.allclose(det(x), det(x, branch="student"))
+    out = tmp_path / "scores"
+    assert main(["score", str(run), str(data), "--out", str(out), "--quiet"]) == 0
+    assert "image_auroc" in json.loads((out / "metrics.json").read_text())
+
+
 def test_bench_prints_one_json_line(fitted, capsys):
     _, run = fitted
     capsys.readouterr()
@@ -176,8 +203,10 @@ def test_cli_defaults_are_the_library_defaults():
         f, m = FitOptions(), ModelConfig()
         assert (a.lr, a.steps, a.stage2_steps, a.batch_size, a.avg_bits, a.seed) == \
             (f.lr, f.steps, f.stage2_steps, f.batch_size, f.avg_bits, f.seed)
-        assert (a.image_size, a.stride, a.embed_dim, a.depth, a.num_heads, a.teacher) == \
-            (m.image_size, m.stride, m.embed_dim, m.depth, m.num_heads, m.teacher)
+        assert (a.image_size, a.stride, a.embed_dim, a.depth, a.num_heads, a.teacher, a.memory,
+                a.memory_size) == \
+            (m.image_size, m.stride, m.embed_dim, m.depth, m.num_heads, m.teacher, m.memory,
+             m.memory_size)
     # `raad make-data` writes what `raad demo` and make_synthetic write
     import inspect
 

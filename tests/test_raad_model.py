@@ -33,9 +33,9 @@ def test_each_branch_alone_and_combined():
         s = det(x, branch="student")
         a = det(x, branch="autoencoder")
         both = det(x)
-        s_raw = det.combine(st, ae, "student")
+        s_raw = det.combine(st, ae, branch="student")
     assert torch.allclose(s_raw, 0.1 * (st - 0.5) / 1.5)
-    assert torch.allclose(det.combine(st, ae, "autoencoder"), 0.1 * (ae - 1.0) / 2.0)
+    assert torch.allclose(det.combine(st, ae, branch="autoencoder"), 0.1 * (ae - 1.0) / 2.0)
     assert torch.allclose(both, 0.5 * (s + a), atol=1e-6)
     assert not torch.allclose(s, a)
     with pytest.raises(ValueError, match="branch"):

@@ -1,0 +1,199 @@
+"""The fine-feature memory (raad.memory): its searches against brute force, the coreset's
+definition, calibration, the layout test, and the memory inside a fitted detector."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raad import memory as M
+from raad.model import Detector, ModelConfig
+
+
+def _brute_coreset(x, n, first):
+    idx = [first]
+    for _ in range(n - 1):
+        d = torch.cdist(x.double(), x[idx].double()).min(1).values
+        idx.append(int(d.argmax()))
+    return idx
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(1, 12), c=st.integers(1, 7), seed=st.integers(0, 1000))
+def test_greedy_coreset_is_farthest_point_selection(n, k, c, seed):
+    x = torch.randn(n, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    idx = M.greedy_coreset(x, k, seed)
+    if k >= n:
+        assert idx.tolist() == list(range(n))
+        return
+    assert idx.tolist() == _brute_coreset(x, k, int(idx[0]))
+    assert len(set(idx.tolist())) == k  # farthest points are never picked twice
+
+
+def test_coreset_keeps_a_rare_cluster_a_random_sample_would_drop():
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(5000, 4, generator=g)
+    rare = torch.randn(5, 4, generator=g) * 0.1 + 20.0
+    x = torch.cat([common, rare])
+    kept = x[M.greedy_coreset(x, 50)]
+    assert (kept[:, 0] > 10).any()
+    assert torch.cdist(rare, kept).min(1).values.max() < 1.0
+
+
+@pytest.mark.parametrize("h,w,r", [(1, 1, 2), (5, 7, 1), (6, 3, 2), (9, 9, 0)])
+def test_local_sq_distance_matches_a_loop_over_the_window(h, w, r):
+    g = torch.Generator().manual_seed(h * 100 + w * 10 + r)
+    q = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+    bank = torch.randn(4, 3, h, w, generator=g, dtype=torch.float64)
+    ref = torch.full((2, h, w), float("nan"), dtype=torch.float64)
+    for bi in range(2):
+        for i in range(h):
+            for j in range(w):
+                ys, xs = slice(max(0, i - r), i + r + 1), slice(max(0, j - r), j + r + 1)
+                cand = bank[:, :, ys, xs].permute(0, 2, 3, 1).reshape(-1, 3)
+                ref[bi, i, j] = (cand - q[bi, :, i, j]).pow(2).sum(1).min()
+    out = M.local_sq_distance(q, bank, r)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def _feats(x):
+    return {"fine": x, "colour": x[:, :3]}
+
+
+def _textured(n, g, h=12):
+    return torch.randn(n, 5, h, h, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_memory_calibrates_on_normals_and_flags_a_foreign_patch(mode):
+    g = torch.Generator().manual_seed(1)
+    bank, held, test = _textured(30, g), _textured(10, g), _textured(4, g)
+    mem = M.FeatureMemory(mode, 30 * 144, {"fine": 5, "colour": 3})
+    mem.build(_feats(bank))
+    mem.calibrate(_feats(held), 0.9, 0.995)
+    normal = mem(_feats(held))
+    # calibrated: the held-out maps sit at 0.1 at their q_high (interior and ring separately)
+    assert normal.shape == (10, 12, 12)
+    interior = normal[:, 1:-1, 1:-1].flatten()
+    assert abs(float(torch.quantile(interior, 0.995)) - 0.1) < 0.02
+    test[1, :, 5:7, 5:7] += 6.0
+    m = mem(_feats(test))
+    assert m[1, 5:7, 5:7].min() > 3 * m[0].max()
+    assert int(m[1].flatten().argmax()) in {5 * 12 + 5, 5 * 12 + 6, 6 * 12 + 5, 6 * 12 + 6}
+
+
+def test_global_memory_with_every_cell_finds_its_own_images_at_zero():
+    g = torch.Generator().manual_seed(2)
+    bank = _textured(3, g, h=5)
+    mem = M.FeatureMemory("global", 75, {"fine": 5, "colour": 3})   # every fine cell kept
+    mem.build(_feats(bank))
+    own = mem.distances(_feats(bank))["fine"]
+    fresh = mem.distances(_feats(_textured(3, g, h=5)))["fine"]
+    # float32 |q|^2 + |b|^2 - 2 q.b: zero up to rounding (1e-3 here), against O(1) for new cells
+    assert own.max() < 0.01 * fresh.median()
+    with pytest.raises(ValueError, match="75 cells"):
+        M.FeatureMemory("global", 76, {"fine": 5, "colour": 3}).build(_feats(bank))
+
+
+def test_layout_ratio_tells_a_fixed_layout_from_parts_anywhere():
+    """Fixed layout: every image is the same board, slightly noisy: a cell is about as close to
+    the training cells at its place as to any. Parts anywhere: each image's cells are shuffled,
+    so its own place holds something else in most training images."""
+    g = torch.Generator().manual_seed(3)
+    board = torch.randn(1, 3, 16, 16, generator=g)
+    fixed = board + 0.05 * torch.randn(40, 3, 16, 16, generator=g)
+    held = board + 0.05 * torch.randn(6, 3, 16, 16, generator=g)
+    r_fixed = M.layout_ratio({"colour": fixed}, {"colour": held}, radius=2)
+
+    def shuffled(x):
+        flat = x.flatten(2)
+        perm = torch.stack([torch.randperm(256, generator=g) for _ in range(len(x))])
+        return torch.gather(flat, 2, perm[:, None].expand(-1, 3, -1)).view_as(x)
+    r_free = M.layout_ratio({"colour": shuffled(fixed)}, {"colour": shuffled(held)}, radius=2)
+    assert r_fixed < 1.3 < M.FIXED_LAYOUT_RATIO < r_free
+
+
+def test_local_memory_charges_for_a_cell_found_elsewhere():
+    """In ``local`` mode a query cell that matches a training cell exactly, but ``k`` cells away
+    from it, is at distance ``place * k``; at its own place, at zero."""
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(1, 4, 6, 6, generator=g)
+    moved = torch.roll(bank, shifts=2, dims=-1)        # every column two cells to the right
+    for place in (0.5, 2.0):
+        mem = M.FeatureMemory("local", 36, {"fine": 4, "colour": 3}, place=place)
+        mem.build(_feats(bank))
+        at_home = mem.distances(_feats(bank))["fine"]
+        away = mem.distances(_feats(moved))["fine"][0, :, 2:]   # columns that moved by 2
+        assert at_home.max() < 1e-2
+        # the nearest may be another cell closer by than the moved one: never farther than it
+        assert (away <= 2 * place + 1e-3).all() and away.mean() > 0.5 * place
+    glob = M.FeatureMemory("global", 36, {"fine": 4, "colour": 3})
+    glob.build(_feats(bank))
+    assert glob.distances(_feats(moved))["fine"].max() < 1e-2   # global: anywhere is fine
+
+
+def test_bad_memory_settings_are_refused():
+    with pytest.raises(ValueError, match="--memory must be one of"):
+        Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1, memory="nearest"))
+    vit = dict(image_size=64, embed_dim=32, depth=1, num_heads=1, teacher="timm:vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 block 1"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random ViT weights
+        Detector(ModelConfig(**vit, memory="global"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert Detector(ModelConfig(**vit, memory="auto")).memory is None  # the default: off there
+    with pytest.raises(ValueError, match="once fitted"):
+        M.FeatureMemory("auto", 4, {"fine": 2, "colour": 3})
+
+
+def test_memory_branch_and_combination_in_the_detector():
+    """``branch="memory"`` is the memory's map; "both" is the mean of the detector's map
+    (upsampled to the memory's grid) and the memory's, before upsampling and smoothing."""
+    from raad.train import build_memory
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1, memory="global",
+                      memory_size=200, smooth_sigma=0.0)
+    det = Detector(cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    images, normals = torch.randn(6, 3, 64, 64, generator=g), torch.randn(3, 3, 64, 64, generator=g)
+    info = build_memory(det, images, normals)
+    assert info == {"mode": "global", "size": 200, "layout_ratio": None}   # 6 x 256 cells, 200 kept
+    det.set_memory("global", 150)
+    assert cfg.memory_size == 200 and det.cfg.memory_size == 150, "the caller's config stays as it was"
+    build_memory(det, images, normals)
+    assert det.cfg.memory == "global" and det.memory.fine_bank.shape == (150, 24)
+    assert det.memory.colour_bank.shape == (150 // 8, 3)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        st, ae, mem = det.raw_maps(x, memory=True)
+        assert mem.shape == (2, 16, 16)
+        both = det.combine(st, ae, mem)
+        det_only = det.combine(st, ae)
+        up = torch.nn.functional.interpolate(det_only[:, None], size=(16, 16), mode="bilinear",
+                                             align_corners=False)[:, 0]
+        assert torch.allclose(both, 0.5 * (up + mem), atol=1e-6)
+        m = det(x, branch="memory")
+        assert m.shape == (2, 64, 64)
+        assert torch.allclose(m, torch.nn.functional.interpolate(mem[:, None], size=(64, 64), mode="bilinear",
+                                                                 align_corners=False)[:, 0], atol=1e-6)
+    lone = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="no memory"):
+        lone(x, branch="memory")
+
+
+def test_auto_memory_picks_local_for_a_board_and_global_for_a_screw(tmp_path):
+    """The layout test on the generator's pcb (parts at fixed places) and screw (any angle)."""
+    from raad import data as D
+    from raad.train import FitOptions, prepare
+    D.make_synthetic(tmp_path, categories=["pcb", "screw"], n_train=24, n_test_good=0,
+                     n_test_defect=0, size=64)
+    cfg = ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1, memory="auto")
+    chosen = {c: prepare(tmp_path / c, cfg, FitOptions(), show=False).memory for c in ("pcb", "screw")}
+    assert chosen["pcb"]["mode"] == "local" and chosen["pcb"]["size"] == 2048
+    assert chosen["screw"]["mode"] == "global"
+    assert chosen["pcb"]["layout_ratio"] < M.FIXED_LAYOUT_RATIO < chosen["screw"]["layout_ratio"]
+    assert np.isfinite([chosen["pcb"]["layout_ratio"], chosen["screw"]["layout_ratio"]]).all()
