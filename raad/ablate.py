@@ -105,8 +105,9 @@ def plot(results, path):
         ax.set_title(metric.replace("_", " "))
         ax.set_ylim(0.5, 1.0)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # beside the plots, not on them (inside, it hid the last settings' bars)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
     plt.close(fig)
