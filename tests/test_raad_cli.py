@@ -239,3 +239,21 @@ def test_demo_writes_table_report_and_heatmaps(tmp_path, monkeypatch, capsys):
     for rel in images:
         assert (out / rel).is_file(), rel
     assert json.loads((out / "demo.json").read_text())["bench"]["pcb"]["images"].startswith("8 test images")
+
+
+def test_ablate_writes_table_json_and_plot(fitted, tmp_path):
+    """`raad ablate` end to end on the tiny data: every setting, with and without stage 2, in
+    the markdown table, the JSON and the plot; the quantized rows carry their bits."""
+    data, _ = fitted
+    out = tmp_path / "ablation"
+    assert main(["ablate", str(data), "--out", str(out), "--quiet"] + TINY) == 0
+    settings = ["fp32"] + [f"{p}{s}" for p in ("int8", "int4", "HQS@4", "random@4") for s in ("", " +stage2")]
+    res = json.loads((out / "ablation.json").read_text())
+    assert list(res) == ["pcb"] and list(res["pcb"]) == settings
+    for name, row in res["pcb"].items():
+        assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["aupro"] <= 1.0, name
+        assert (row.get("bits") is None) == (name == "fp32")
+    assert set(res["pcb"]["int4"]["bits"].values()) == {4}
+    table = (out / "ablation.md").read_text().splitlines()
+    assert len(table) == 2 + len(settings) and all(f"| pcb | {s} |" in "\n".join(table) for s in settings)
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
