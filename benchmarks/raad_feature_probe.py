@@ -22,7 +22,8 @@ block 1 (stride 4), the 3x3-pooled 4x4 mean colour and their maximum are scored;
 
 The memory this probe argued for is built (``raad/memory.py``, ``--memory``). The probe scores
 each image by its map's maximum inside a border of size/32 pixels, which the detector does not:
-its figures run higher than the built detector's (weave, one fit: 0.956 here, 0.931 built).
+its figures run higher than the built detector's (a development fit's weave map, scored both
+ways: 0.931 over the whole map, 0.956 without a 4-pixel border).
 """
 
 from __future__ import annotations
