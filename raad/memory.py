@@ -54,6 +54,11 @@ def colour_cells(image: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(c, COLOUR_POOL, 1, COLOUR_POOL // 2, count_include_pad=False)
 
 
+def representations(fine: torch.Tensor, image: torch.Tensor) -> dict:
+    """What the memory reads: the teacher's block-1 output ``fine`` and the image's colour cells."""
+    return {"fine": fine, "colour": colour_cells(image)}
+
+
 def _cells(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) → (B·h·w, C)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])

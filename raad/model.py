@@ -373,14 +373,12 @@ class Detector(nn.Module):
         """(student input, normalised targets) for an ImageNet-normalised image batch; with
         ``memory``, also the memory's representations ``{"fine", "colour"}`` from the same pass."""
         with torch.no_grad():
-            stem = self.teacher.stem(image, fine=True) if memory else self.teacher.stem(image)
-            if memory:
-                stem, fine = stem
+            stem, fine = self.teacher.stem(image, fine=True) if memory else (self.teacher.stem(image), None)
             g = (image.shape[-2] // self.cfg.stride, image.shape[-1] // self.cfg.stride)
             t = (self.teacher.targets(stem if not self.cfg.teacher.startswith("timm:") else image, g)
                  - self.t_mean) / self.t_std
         out = ((stem - self.s_mean) / self.s_std, t)
-        return out + ({"fine": fine, "colour": M.colour_cells(image)},) if memory else out
+        return out + (M.representations(fine, image),) if memory else out
 
     def raw_maps(self, image, memory: bool = False):
         """Per-patch squared discrepancies on the student's grid, student–teacher and

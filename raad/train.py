@@ -207,8 +207,10 @@ class Prepared:
 
 @torch.no_grad()
 def memory_features(det: Detector, images: torch.Tensor, batch: int = 8) -> dict:
-    """The memory's representations of ``images`` (see :mod:`raad.memory`)."""
-    parts = [det.teacher_features(images[i:i + batch], memory=True)[2] for i in range(0, len(images), batch)]
+    """The memory's representations of ``images`` (see :mod:`raad.memory`): the teacher's stem
+    only, not its targets."""
+    parts = [M.representations(det.teacher.stem(x, fine=True)[1], x)
+             for x in images.split(batch)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

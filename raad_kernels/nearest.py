@@ -15,6 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .linear import quantize_rows_int8
+
 try:  # the CPU extension's kernel (None where it is not built)
     from ._cpu import nearest_sq_distance as _FUSED_KERNEL
 except ImportError:
@@ -45,14 +47,24 @@ def prepare_bank(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bank_t, b_sq
 
 
-def nearest_sq_distance(query: torch.Tensor, bank: torch.Tensor, prepared=None) -> torch.Tensor:
-    """(M,) squared distances of ``query`` (M, C) rows to their nearest ``bank`` (N, C) row.
-    ``prepared``: :func:`prepare_bank` of ``bank``, when the caller keeps it."""
+def _check(query: torch.Tensor, bank: torch.Tensor) -> None:
     if query.shape[-1] != bank.shape[-1] or query.dim() != 2 or bank.dim() != 2 or len(bank) == 0:
         raise ValueError(f"query must be (M, C) and bank (N >= 1, C); got {tuple(query.shape)} and "
                          f"{tuple(bank.shape)}")
-    if (_FUSED_KERNEL is not None and os.environ.get("RAAD_NEAREST_FUSED", "1") != "0"
-            and query.device.type == "cpu" and query.dtype == torch.float32 and len(query)):
+
+
+def _kernel_applies(kernel, query: torch.Tensor) -> bool:
+    """Whether ``kernel`` (None where not built) takes this query: CPU, non-empty, and not
+    switched off by ``RAAD_NEAREST_FUSED=0``."""
+    return (kernel is not None and os.environ.get("RAAD_NEAREST_FUSED", "1") != "0"
+            and query.device.type == "cpu" and len(query) > 0)
+
+
+def nearest_sq_distance(query: torch.Tensor, bank: torch.Tensor, prepared=None) -> torch.Tensor:
+    """(M,) squared distances of ``query`` (M, C) rows to their nearest ``bank`` (N, C) row.
+    ``prepared``: :func:`prepare_bank` of ``bank``, when the caller keeps it."""
+    _check(query, bank)
+    if _kernel_applies(_FUSED_KERNEL, query) and query.dtype == torch.float32:
         bank_t, b_sq = prepared if prepared is not None else prepare_bank(bank)
         return _FUSED_KERNEL(query.contiguous(), bank_t, b_sq)
     return nearest_sq_distance_reference(query, bank)
@@ -63,8 +75,10 @@ def nearest_sq_distance(query: torch.Tensor, bank: torch.Tensor, prepared=None) 
 # tensor (symmetric, s_b = max|b| / 127), each query per row (s_q = max|q| / 127), rounding half
 # to even; the squared norms stay float: min_j (|b_j|² − 2 s_q s_b · q8·b8_j) + |q|², at 0 or
 # above. Both scales are shared across channels, so the channels must have comparable ranges
-# (raad's memory standardises them; one channel 20× the others: distances 14 % off, median). On AVX-512 VNNI the CPU kernel runs it (vpdpbusd: the query shifted by +128 to
-# unsigned, the shift's share 128·Σ_c b8_jc taken back); elsewhere the torch specification.
+# (raad's memory standardises them; one channel 20× the others: distances 14 % off, median).
+# The quantizer is the W8A8 linears' (raad_kernels.linear.quantize_rows_int8). On AVX-512 VNNI
+# the CPU kernel runs it (vpdpbusd: the query shifted by +128 to unsigned, the shift's share
+# 128·Σ_c b8_jc taken back); elsewhere the torch specification.
 
 try:
     from ._cpu import capabilities as _capabilities
@@ -75,24 +89,15 @@ except ImportError:
     _INT8_KERNEL = None
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
-
-
-def _row_scales(x: torch.Tensor) -> torch.Tensor:
-    a = x.abs().amax(1, keepdim=True) / 127.0
-    return torch.where(a > 0, a, torch.ones_like(a))
-
-
 def prepare_bank_int8(bank: torch.Tensor) -> dict:
     """The bank's int8 codes (padded to a multiple of 4 channels and 64 rows), its scale, its
     float squared norms (+inf for the padding) and, for the kernel, the packed codes."""
     n, c = bank.shape
     bank = bank.float()
-    amax = float(bank.abs().max())
-    s_b = amax / 127.0 if amax > 0 else 1.0
+    codes, s_b = quantize_rows_int8(bank.reshape(1, -1))                        # one scale for all
+    s_b = float(s_b)
     pad_c, pad_n = (-c) % 4, (-n) % _COLS
-    codes = F.pad(_codes(bank, torch.tensor(s_b)), (0, pad_c, 0, pad_n))        # (N', K')
+    codes = F.pad(codes.view(n, c), (0, pad_c, 0, pad_n))                      # (N', K')
     b_sq = F.pad(bank.pow(2).sum(1), (0, pad_n), value=float("inf")).contiguous()
     n2, k2 = codes.shape
     packed = codes.view(n2 // 16, 16, k2 // 4, 4).permute(0, 2, 1, 3).contiguous()
@@ -102,9 +107,7 @@ def prepare_bank_int8(bank: torch.Tensor) -> dict:
 
 def _query_codes(query: torch.Tensor, prepared: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(the query's int8 codes, padded to the bank's channels; their row scales)."""
-    q = F.pad(query.float(), (0, prepared["codes"].shape[1] - query.shape[1]))
-    s_q = _row_scales(q)
-    return _codes(q, s_q), s_q
+    return quantize_rows_int8(F.pad(query.float(), (0, prepared["codes"].shape[1] - query.shape[1])))
 
 
 def nearest_sq_distance_int8_reference(query: torch.Tensor, prepared: dict) -> torch.Tensor:
@@ -118,12 +121,9 @@ def nearest_sq_distance_int8_reference(query: torch.Tensor, prepared: dict) -> t
 def nearest_sq_distance_int8(query: torch.Tensor, bank: torch.Tensor, prepared: dict | None = None) -> torch.Tensor:
     """:func:`nearest_sq_distance` with int8 dot products (see the section notes); ``prepared``:
     :func:`prepare_bank_int8` of ``bank``, when the caller keeps it."""
-    if query.shape[-1] != bank.shape[-1] or query.dim() != 2 or bank.dim() != 2 or len(bank) == 0:
-        raise ValueError(f"query must be (M, C) and bank (N >= 1, C); got {tuple(query.shape)} and "
-                         f"{tuple(bank.shape)}")
+    _check(query, bank)
     prepared = prepared if prepared is not None else prepare_bank_int8(bank)
-    if (_INT8_KERNEL is not None and os.environ.get("RAAD_NEAREST_FUSED", "1") != "0"
-            and query.device.type == "cpu" and len(query)):
+    if _kernel_applies(_INT8_KERNEL, query):
         codes, s_q = _query_codes(query, prepared)
         q_u8 = (codes.to(torch.int16) + 128).to(torch.uint8).contiguous()
         return _INT8_KERNEL(q_u8, s_q.reshape(-1).contiguous(), query.float().pow(2).sum(1).contiguous(),
