@@ -16,7 +16,8 @@ def _model_cfg(args):
     from .model import ModelConfig
     return ModelConfig(image_size=args.image_size, teacher=args.teacher, stride=args.stride,
                        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-                       use_ae=not args.no_ae, memory=args.memory, memory_size=args.memory_size)
+                       use_ae=not args.no_ae, memory=args.memory, memory_size=args.memory_size,
+                       align=args.align)
 
 
 def _fit_opts(args):
@@ -85,6 +86,7 @@ def build_parser():
     def model_args(s):
         # defaults come from the dataclasses, so the CLI, `raad demo` and the Python API agree
         from .memory import MODES as MEMORY_MODES
+        from .pose import MODES as POSE_MODES
         from .model import ModelConfig
         from .train import FitOptions
         m, f = ModelConfig(), FitOptions()
@@ -102,6 +104,10 @@ def build_parser():
                             "weighs each cell's place), auto (chosen from the training images), off")
         s.add_argument("--memory-size", type=int, default=m.memory_size,
                        help="training cells the memory keeps (greedy coreset)")
+        s.add_argument("--align", default=m.align, choices=POSE_MODES,
+                       help="turn each image to one canonical pose (image moments) before the "
+                            "detector and its map back: on (objects at any angle), off, auto "
+                            "(on for elongated objects whose angle varies in the training images)")
         s.add_argument("--steps", type=int, default=f.steps)
         s.add_argument("--stage2-steps", type=int, default=f.stage2_steps)
         s.add_argument("--batch-size", type=int, default=f.batch_size)

@@ -18,6 +18,9 @@ Design (after EfficientAD, with a ViT student):
   it only reproduces what is globally typical (missing or misplaced parts).
 * Memory (``raad.memory``, ``memory`` != "off"): nearest-neighbour distances of block 1 and of the
   local colour to a coreset of training cells; its map is averaged with the other two's mean.
+* Pose (``raad.pose``, ``align`` "on"): each image is turned to one canonical pose (centroid at
+  the centre, principal axis along +x) before all of the above, and its map turned back, so an
+  object that lies at any angle gets a fixed layout.
 * Anomaly map: mean over channels of (T − S)² and of (A − S_ae)², each quantile-normalised on
   held-out normal images, averaged, upsampled to the image and Gaussian-smoothed. Both maps are
   first divided per grid position by a profile from the training images, because the image
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import memory as M
+from . import pose as P
 
 @dataclass
 class ModelConfig:
@@ -63,6 +67,7 @@ class ModelConfig:
     memory_size: int = 2048  # fine cells kept (greedy coreset; capped when fitting)
     memory_place: float = 1.0  # local: distance per cell of displacement (standardised units)
     memory_radius: int = 2   # auto: the window, in stride-4 cells, of the fixed-layout test
+    align: str = "auto"      # pose normalisation (raad.pose): off | on | auto (fitting decides)
 
     def to_dict(self):
         return asdict(self)
@@ -332,6 +337,8 @@ class Detector(nn.Module):
             raise ValueError(f"stride must be 4 or 8 (image pixels per student token), got {cfg.stride}")
         if cfg.memory not in M.MODES:
             raise ValueError(f"--memory must be one of {list(M.MODES)}, got {cfg.memory!r}")
+        if cfg.align not in P.MODES:
+            raise ValueError(f"--align must be one of {list(P.MODES)}, got {cfg.align!r}")
         if cfg.memory in ("global", "local") and cfg.teacher != "effnet-lite0":
             raise ValueError(f"--memory {cfg.memory}: the memory reads EfficientNet-Lite0 block 1; "
                              f"use --memory off with --teacher {cfg.teacher}")
@@ -425,12 +432,24 @@ class Detector(nn.Module):
         out = F.interpolate(out[:, None], size=memory.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return 0.5 * (out + memory)
 
+    def canonical(self, image):
+        """(image in the canonical pose, its pose) with ``align`` "on"; else (image, None). The
+        fitted detector sees only canonical images (``align`` "auto" is resolved by fitting and
+        until then aligns nothing)."""
+        if self.cfg.align != "on":
+            return image, None
+        pose = P.estimate(image)
+        return P.align(image, pose), pose
+
     def forward(self, image, out_size=None, branch="both"):
-        """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed; ``branch``
-        as in :meth:`combine`."""
+        """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed, in the
+        image's own pose; ``branch`` as in :meth:`combine`."""
         use_memory = self.memory is not None and branch in ("both", "memory")
-        m = self.combine(*self.raw_maps(image, use_memory), branch=branch)[:, None]
         size = out_size or image.shape[-2:]
+        image, pose = self.canonical(image)
+        m = self.combine(*self.raw_maps(image, use_memory), branch=branch)[:, None]
+        if pose is not None:   # back to the image's pose, at the resolution the pose was read at
+            m = P.unalign(F.interpolate(m, size=image.shape[-2:], mode="bilinear", align_corners=False), pose)
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         sigma = self.cfg.smooth_sigma * size[0] / image.shape[-2]
         return gaussian_blur(m, sigma)[:, 0]

@@ -1,5 +1,7 @@
 """`raad fit`: teacher features → student + autoencoder → HQS plan → stage 1 → stage 2.
 
+0. With ``align`` on (``auto``: elongated objects at varying angles, see :mod:`raad.pose`),
+   every image is turned to the canonical pose first; all that follows sees only those.
 1. The frozen teacher runs once per training image; its stem (the student's input) and
    normalised targets are cached, so training steps run only the student and the autoencoder.
 2. Training (EfficientAD losses): hard-feature mining for the student (the mean of the squared
@@ -30,6 +32,7 @@ import raad_kernels as rk
 from . import data as D
 from . import hqs
 from . import memory as M
+from . import pose as P
 from .checkpoint import save_json, save_run
 from .model import Detector, ModelConfig
 
@@ -203,6 +206,7 @@ class Prepared:
     normals: torch.Tensor
     n_train: int
     memory: dict | None = None   # what build_memory chose (mode, size, layout ratio)
+    pose: dict | None = None     # what resolve_align chose (and the figures it read)
 
 
 @torch.no_grad()
@@ -230,6 +234,20 @@ def build_memory(det: Detector, images: torch.Tensor, normals: torch.Tensor, see
     return {"mode": mode, "size": size, "layout_ratio": None if ratio is None else round(ratio, 3)}
 
 
+@torch.no_grad()
+def resolve_align(det: Detector, images: torch.Tensor) -> dict:
+    """Resolve ``--align auto`` from the training ``images`` (see :mod:`raad.pose`)."""
+    chosen = P.decide(images) if det.cfg.align == "auto" else {"align": det.cfg.align}
+    det.cfg.align = chosen["align"]
+    return chosen
+
+
+@torch.no_grad()
+def canonical_images(det: Detector, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """``images`` in the detector's canonical pose (unchanged with ``align`` "off")."""
+    return torch.cat([det.canonical(x)[0] for x in images.split(batch)]) if len(images) else images
+
+
 def holdout_split(paths: list, holdout: float, where) -> tuple[list, list]:
     """(training paths, held-out paths): a fixed, spread-out hold-out of every k-th image, at
     least 2, with at least 2 left to train on (``where`` names the folder in the error)."""
@@ -249,6 +267,8 @@ def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prep
     det = Detector(cfg)
     images = load_images(train_paths, cfg.image_size, show)
     normals = load_images(val_paths, cfg.image_size, show)
+    pose = resolve_align(det, images)   # everything below sees the images in the canonical pose
+    images, normals = canonical_images(det, images), canonical_images(det, normals)
     stems, targets = cache_teacher(det, images, show=show)
     det.s_mean.copy_(stems.mean(dim=(0, 2, 3), keepdim=True))
     det.s_std.copy_(stems.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
@@ -257,7 +277,7 @@ def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prep
     det.t_std.copy_(targets.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
     targets = (targets - det.t_mean) / det.t_std
     memory = build_memory(det, images, normals, opts.seed) if det.cfg.memory != "off" else None
-    return Prepared(cat.name, det, stems, targets, normals, len(train_paths), memory)
+    return Prepared(cat.name, det, stems, targets, normals, len(train_paths), memory, pose)
 
 
 def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
@@ -315,7 +335,7 @@ def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show
     t_start = time.perf_counter()
     prep = prepare(category_dir, cfg, opts, show)
     summary = {"category": prep.category, "train_images": prep.n_train,
-               "holdout_images": len(prep.normals), "memory": prep.memory,
+               "holdout_images": len(prep.normals), "pose": prep.pose, "memory": prep.memory,
                "train_log": train_float(prep, opts, show)}
     plan = None
     if opts.avg_bits != hqs.FLOAT_BITS:
