@@ -40,28 +40,10 @@ from raad_kernels import cpu_backend  # noqa: E402
 CAPS = _cpu.capabilities()
 ISAS = ["portable"] + (["avx2"] if CAPS["avx2"] else []) + (["avx512"] if CAPS["best_isa"] in ("avx512", "amx") else [])
 
+from emu_builders import avx512_emulated  # noqa: E402
 
-def _avx512_emulated():
-    """On a CPU without AVX-512: the extension rebuilt with its AVX-512 kernels emulated by SIMDe
-    (csrc/cpu/emu/build_avx512_emu.py), so the ``avx512`` code is tested here too, as the
-    extra path "avx512-emu". None (with the reason) where that cannot be built."""
-    if "avx512" in ISAS:
-        return None, "this CPU runs the AVX-512 kernels natively"
-    if not CAPS["avx2"]:
-        return None, "the emulated build needs an AVX2 CPU"
-    if os.environ.get("RAAD_CPU_AVX512_EMU") == "0":
-        return None, "RAAD_CPU_AVX512_EMU=0"
-    from emu_builders import load_builder
-    mod = load_builder("cpu/emu/build_avx512_emu.py")
-    if mod.simde_include() is None:
-        return None, "SIMDe headers not found (apt-get install libsimde-dev)"
-    try:
-        return mod.build(), ""
-    except Exception as e:  # noqa: BLE001 - reported as a failure by test_avx512_kernels_are_tested_here
-        return None, f"BUILD FAILED: {type(e).__name__}: {str(e)[-2000:]}"
-
-
-EMU512, EMU512_WHY = _avx512_emulated()
+# on a CPU without AVX-512, the avx512 code is tested emulated, as the extra path "avx512-emu"
+EMU512, EMU512_WHY = avx512_emulated("avx512" in ISAS, bool(CAPS["avx2"]))
 if EMU512 is not None:
     ISAS.append("avx512-emu")
 
@@ -69,6 +51,8 @@ if EMU512 is not None:
 def ext_isa(isa):
     """(extension module, isa argument) for a path name of ISAS."""
     return (EMU512, "avx512") if isa == "avx512-emu" else (_cpu, isa)
+
+
 MAPS = ("cls", "received", "entropy")
 MAP_TOL = 2e-3
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raad_kernels import nearest as N
@@ -75,7 +75,34 @@ def test_the_kernel_checks_its_inputs():
         N._FUSED_KERNEL(torch.randn(4, 3).double(), bank_t, b_sq)
 
 
-INT8_KERNEL = pytest.mark.skipif(N._INT8_KERNEL is None, reason="needs the CPU extension on an AVX-512 VNNI CPU")
+def _int8_kernel():
+    """(kernel, why): the extension's VNNI search natively; on a CPU without AVX-512 VNNI the same
+    C++ code from the SIMDe-emulated build (tests/emu_builders.py), as the attention tests do."""
+    try:
+        from raad_kernels._cpu import capabilities
+    except ImportError:
+        return None, "the CPU extension is not built"
+    from emu_builders import avx512_emulated
+    caps = capabilities()
+    emu, why = avx512_emulated(caps["best_isa"] in ("avx512", "amx"), bool(caps["avx2"]))
+    if emu is not None:   # where the CPU lacks VNNI, or with RAAD_CPU_AVX512_EMU=1
+        return emu.nearest_sq_distance_i8, ""
+    return (N._INT8_KERNEL, "") if N._INT8_KERNEL is not None else (None, why)
+
+
+INT8, INT8_WHY = _int8_kernel()
+INT8_KERNEL = pytest.mark.skipif(INT8 is None, reason=f"no AVX-512 VNNI kernel, native or emulated: {INT8_WHY}")
+
+
+@pytest.fixture
+def int8_kernel(monkeypatch):
+    """nearest_sq_distance_int8 calling the kernel of _int8_kernel (the native one unchanged)."""
+    monkeypatch.setattr(N, "_INT8_KERNEL", INT8)
+
+
+def test_the_int8_kernel_is_tested_here():
+    """The emulated build must load where it is built (an undefined symbol once went unseen)."""
+    assert not INT8_WHY.startswith("BUILD FAILED"), INT8_WHY
 
 
 @settings(max_examples=25, deadline=None)
@@ -92,9 +119,9 @@ def test_int8_specification_is_close_to_the_exact_search(m, n, c, seed):
 
 
 @INT8_KERNEL
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 70), n=st.integers(1, 200), c=st.integers(1, 40), seed=st.integers(0, 10**6))
-def test_int8_kernel_is_its_specification_on_ragged_shapes(m, n, c, seed):
+def test_int8_kernel_is_its_specification_on_ragged_shapes(int8_kernel, m, n, c, seed):
     """Integer dot products are exact, so the kernel equals the specification up to float32
     rounding of the epilogue; channels not a multiple of 4, rows not of 4, bank not of 64."""
     q, b = _case(m, n, c, seed)
@@ -106,7 +133,7 @@ def test_int8_kernel_is_its_specification_on_ragged_shapes(m, n, c, seed):
 
 
 @INT8_KERNEL
-def test_int8_kernel_on_a_memory_sized_problem():
+def test_int8_kernel_on_a_memory_sized_problem(int8_kernel):
     """Standardised features (what the memory searches): within 1 % of the exact distances
     (median), and the kernel is its specification; one channel 20x the others coarsens every
     other channel's codes (the documented limit of shared scales)."""

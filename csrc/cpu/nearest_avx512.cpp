@@ -1,6 +1,9 @@
 // See nearest.h: the int8 nearest-neighbour search on AVX-512 VNNI (built with this file's ISA
 // flags; called only where the running CPU has VNNI).
 #include <immintrin.h>
+#ifdef RAAD_SIMDE_AVX512  // test build on a CPU without AVX-512 (csrc/cpu/emu/build_avx512_emu.py)
+#include "cpu/emu/simde_avx512.h"
+#endif
 #include <omp.h>
 
 #include <algorithm>

@@ -7,7 +7,8 @@ Needs the SIMDe headers (Debian/Ubuntu: ``apt-get install libsimde-dev``; or set
 a folder holding ``simde/``) and an AVX2 CPU. The module reports AVX-512 VNNI as present, so its
 first-use self-check and every ``isa="avx512"`` call run the real kernel code on emulated
 instructions. Correctness only: the emulation is many times slower than the hardware.
-Used by tests/test_cpu_backend.py when RAAD_CPU_AVX512_EMU=1.
+Built by the tests (tests/emu_builders.py) on an AVX2 CPU without AVX-512, and on any AVX2 CPU
+with RAAD_CPU_AVX512_EMU=1.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent
-SOURCES = ["cpu/attention.cpp", "cpu/attention_portable.cpp", "cpu/attention_avx2.cpp",
-           "cpu/attention_avx512.cpp", "cpu/cpu_features.cpp", "bindings/cpu_bindings.cpp"]
+# every CPU source, as setup.py builds them: a list kept by hand missed the files added later
+# (the nearest-neighbour search), and the module then failed to load on an undefined symbol
+SOURCES = sorted(str(p.relative_to(CSRC)) for p in (CSRC / "cpu").glob("*.cpp")) + ["bindings/cpu_bindings.cpp"]
 
 
 def simde_include() -> str | None:

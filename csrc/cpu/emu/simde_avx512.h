@@ -1,5 +1,5 @@
 // Test build only (csrc/cpu/emu/build_avx512_emu.py): the AVX-512 intrinsics of
-// attention_avx512.cpp emulated by SIMDe (libsimde-dev) on a CPU without AVX-512, so the kernels'
+// attention_avx512.cpp and nearest_avx512.cpp emulated by SIMDe (libsimde-dev) on a CPU without AVX-512, so the kernels'
 // arithmetic can be tested where they cannot run natively. Included after <immintrin.h>; SIMDe's
 // native aliases map the _mm512_* names and types onto its portable implementations (the AVX2
 // ones stay native). Never part of the real extension.
@@ -29,4 +29,14 @@ inline float raad_emu_reduce_max_ps(simde__m512 a) {
   return m;
 }
 #define _mm512_reduce_max_ps(a) raad_emu_reduce_max_ps(a)
+#endif
+#ifndef _mm512_reduce_min_ps
+inline float raad_emu_reduce_min_ps(simde__m512 a) {  // nearest_avx512.cpp's row minimum
+  alignas(64) float f[16];
+  simde_mm512_store_ps(f, a);
+  float m = f[0];
+  for (int l = 1; l < 16; ++l) m = f[l] < m ? f[l] : m;
+  return m;
+}
+#define _mm512_reduce_min_ps(a) raad_emu_reduce_min_ps(a)
 #endif
