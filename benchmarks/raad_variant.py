@@ -65,7 +65,7 @@ def main(argv=None):
     out = {"category": prep.category, "seed": opts.seed, "overrides": set_,
            "fit_s": round(time.perf_counter() - t0, 1)}
     category = D.validate(args.category)
-    branches = (("student", "autoencoder", "both") if cfg.use_ae else ("student",)) + (
+    branches = (("student", "autoencoder", "both") if prep.det.ae is not None else ("student", "both")) + (
         ("memory",) if prep.det.memory is not None else ())
     for branch in branches:  # evaluate() runs without autograd
         r = evaluate(_Branch(prep.det, branch), category, show=False)[0]

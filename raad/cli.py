@@ -16,7 +16,7 @@ def _model_cfg(args):
     from .model import ModelConfig
     return ModelConfig(image_size=args.image_size, teacher=args.teacher, stride=args.stride,
                        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-                       use_ae=not args.no_ae, memory=args.memory, memory_size=args.memory_size,
+                       autoencoder="off" if args.no_ae else args.autoencoder, memory=args.memory, memory_size=args.memory_size,
                        align=args.align)
 
 
@@ -86,8 +86,8 @@ def build_parser():
     def model_args(s):
         # defaults come from the dataclasses, so the CLI, `raad demo` and the Python API agree
         from .memory import MODES as MEMORY_MODES
+        from .model import AE_MODES, ModelConfig
         from .pose import MODES as POSE_MODES
-        from .model import ModelConfig
         from .train import FitOptions
         m, f = ModelConfig(), FitOptions()
         s.add_argument("--teacher", default=m.teacher, help="effnet-lite0, or timm:NAME[@CHECKPOINT] (weights: CHECKPOINT, else the local Hugging Face cache)")
@@ -97,7 +97,11 @@ def build_parser():
         s.add_argument("--embed-dim", type=int, default=m.embed_dim)
         s.add_argument("--depth", type=int, default=m.depth)
         s.add_argument("--num-heads", type=int, default=m.num_heads)
-        s.add_argument("--no-ae", action="store_true", help="no autoencoder branch")
+        s.add_argument("--autoencoder", default=m.autoencoder, choices=AE_MODES,
+                       help="the autoencoder branch (global anomalies: missing or misplaced parts): "
+                            "on, off, auto (on for objects, off for textures, read from the "
+                            "training images)")
+        s.add_argument("--no-ae", action="store_true", help="the same as --autoencoder off")
         s.add_argument("--memory", default=m.memory, choices=MEMORY_MODES,
                        help="nearest-neighbour memory of fine features beside the student: global "
                             "(textures, objects in any pose), local (fixed layouts: the search "

@@ -145,13 +145,15 @@ def spread_deg(theta: torch.Tensor) -> float:
 
 
 def decide(images: torch.Tensor, batch: int = 32) -> dict:
-    """``auto``: whether the training ``images`` call for alignment, and the figures it read."""
+    """``auto``: whether the training ``images`` call for alignment, whether they show an object
+    at all (else a texture; raad.model's ``autoencoder`` "auto" reads it), and the figures read."""
     parts = images.split(batch)
     poses = [estimate(x) for x in parts]
     share = float(torch.cat([(foreground(x.float()) > 0).float().mean(dim=(1, 2)) for x in parts]).median())
     theta = torch.cat([p.theta for p in poses])
     elong = float(torch.cat([p.elongation for p in poses]).median())
     spread = spread_deg(theta)
-    on = share >= MIN_FOREGROUND and elong >= MIN_ELONGATION and spread >= MIN_SPREAD_DEG
-    return {"align": "on" if on else "off", "foreground": round(share, 4), "elongation": round(elong, 3),
-            "spread_deg": round(spread, 1)}
+    is_object = share >= MIN_FOREGROUND
+    on = is_object and elong >= MIN_ELONGATION and spread >= MIN_SPREAD_DEG
+    return {"align": "on" if on else "off", "object": is_object, "foreground": round(share, 4),
+            "elongation": round(elong, 3), "spread_deg": round(spread, 1)}

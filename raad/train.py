@@ -1,7 +1,9 @@
 """`raad fit`: teacher features → student + autoencoder → HQS plan → stage 1 → stage 2.
 
-0. With ``align`` on (``auto``: elongated objects at varying angles, see :mod:`raad.pose`),
-   every image is turned to the canonical pose first; all that follows sees only those.
+0. The training images decide the layout (:func:`resolve_layout`): with ``align`` on
+   (``auto``: elongated objects at varying angles, see :mod:`raad.pose`) every image is turned
+   to the canonical pose first, and all that follows sees only those; ``autoencoder`` auto
+   drops that branch on textures.
 1. The frozen teacher runs once per training image; its stem (the student's input) and
    normalised targets are cached, so training steps run only the student and the autoencoder.
 2. Training (EfficientAD losses): hard-feature mining for the student (the mean of the squared
@@ -21,7 +23,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -206,7 +208,7 @@ class Prepared:
     normals: torch.Tensor
     n_train: int
     memory: dict | None = None   # what build_memory chose (mode, size, layout ratio)
-    pose: dict | None = None     # what resolve_align chose (and the figures it read)
+    layout: dict | None = None   # what resolve_layout chose (and the figures it read)
 
 
 @torch.no_grad()
@@ -235,11 +237,14 @@ def build_memory(det: Detector, images: torch.Tensor, normals: torch.Tensor, see
 
 
 @torch.no_grad()
-def resolve_align(det: Detector, images: torch.Tensor) -> dict:
-    """Resolve ``--align auto`` from the training ``images`` (see :mod:`raad.pose`)."""
-    chosen = P.decide(images) if det.cfg.align == "auto" else {"align": det.cfg.align}
-    det.cfg.align = chosen["align"]
-    return chosen
+def resolve_layout(cfg: ModelConfig, images: torch.Tensor) -> tuple[ModelConfig, dict]:
+    """Resolve ``--align auto`` and ``--autoencoder auto`` from the training ``images`` (one
+    :func:`raad.pose.decide`): (the config with both fixed, what was chosen and read)."""
+    need = "auto" in (cfg.align, cfg.autoencoder)
+    read = P.decide(images) if need else {}
+    align = read.get("align", "off") if cfg.align == "auto" else cfg.align
+    ae = ("on" if read.get("object") else "off") if cfg.autoencoder == "auto" else cfg.autoencoder
+    return replace(cfg, align=align, autoencoder=ae), {**read, "align": align, "autoencoder": ae}
 
 
 @torch.no_grad()
@@ -263,11 +268,12 @@ def holdout_split(paths: list, holdout: float, where) -> tuple[list, list]:
 def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prepared:
     cat = D.validate(category_dir, need_test=False)
     train_paths, val_paths = holdout_split(list(cat.train), opts.holdout, Path(category_dir) / "train" / "good")
-    torch.manual_seed(opts.seed)
-    det = Detector(cfg)
     images = load_images(train_paths, cfg.image_size, show)
     normals = load_images(val_paths, cfg.image_size, show)
-    pose = resolve_align(det, images)   # everything below sees the images in the canonical pose
+    cfg, layout = resolve_layout(cfg, images)
+    torch.manual_seed(opts.seed)
+    det = Detector(cfg)
+    # everything below sees the images in the canonical pose
     images, normals = canonical_images(det, images), canonical_images(det, normals)
     stems, targets = cache_teacher(det, images, show=show)
     det.s_mean.copy_(stems.mean(dim=(0, 2, 3), keepdim=True))
@@ -277,7 +283,7 @@ def prepare(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> Prep
     det.t_std.copy_(targets.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
     targets = (targets - det.t_mean) / det.t_std
     memory = build_memory(det, images, normals, opts.seed) if det.cfg.memory != "off" else None
-    return Prepared(cat.name, det, stems, targets, normals, len(train_paths), memory, pose)
+    return Prepared(cat.name, det, stems, targets, normals, len(train_paths), memory, layout)
 
 
 def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
@@ -335,7 +341,7 @@ def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show
     t_start = time.perf_counter()
     prep = prepare(category_dir, cfg, opts, show)
     summary = {"category": prep.category, "train_images": prep.n_train,
-               "holdout_images": len(prep.normals), "pose": prep.pose, "memory": prep.memory,
+               "holdout_images": len(prep.normals), "layout": prep.layout, "memory": prep.memory,
                "train_log": train_float(prep, opts, show)}
     plan = None
     if opts.avg_bits != hqs.FLOAT_BITS:

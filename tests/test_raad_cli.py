@@ -204,9 +204,9 @@ def test_cli_defaults_are_the_library_defaults():
         assert (a.lr, a.steps, a.stage2_steps, a.batch_size, a.avg_bits, a.seed) == \
             (f.lr, f.steps, f.stage2_steps, f.batch_size, f.avg_bits, f.seed)
         assert (a.image_size, a.stride, a.embed_dim, a.depth, a.num_heads, a.teacher, a.memory,
-                a.memory_size, a.align) == \
+                a.memory_size, a.align, a.autoencoder) == \
             (m.image_size, m.stride, m.embed_dim, m.depth, m.num_heads, m.teacher, m.memory,
-             m.memory_size, m.align)
+             m.memory_size, m.align, m.autoencoder)
     # `raad make-data` writes what `raad demo` and make_synthetic write
     import inspect
 

@@ -40,7 +40,7 @@ def test_each_branch_alone_and_combined():
     assert not torch.allclose(s, a)
     with pytest.raises(ValueError, match="branch"):
         det(x, branch="teacher")
-    lone = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1, use_ae=False)).eval()
+    lone = Detector(ModelConfig(image_size=64, embed_dim=32, depth=1, num_heads=1, autoencoder="off")).eval()
     with torch.no_grad(), pytest.raises(ValueError, match="no autoencoder"):
         lone(x, branch="autoencoder")
 

@@ -105,6 +105,39 @@ def test_auto_aligns_the_object_whose_angle_varies_and_nothing_else(category, ex
     assert P.decide(x)["align"] == expected
 
 
+@pytest.mark.parametrize("category,is_object", [("screw", True), ("pcb", True), ("weave", False),
+                                                ("stone", False)])
+def test_the_layout_keeps_the_autoencoder_for_objects_and_drops_it_on_textures(category, is_object):
+    """``autoencoder`` auto follows the foreground test; on and off are kept as given, and the
+    align choice is resolved by the same reading."""
+    from raad.model import ModelConfig
+    from raad.train import resolve_layout
+    x, _ = _samples(category, "train", "good", 24)
+    cfg, read = resolve_layout(ModelConfig(), x)
+    assert read["object"] is is_object and read["align"] == P.decide(x)["align"] == cfg.align
+    assert cfg.autoencoder == read["autoencoder"] == ("on" if is_object else "off")
+    for fixed in ("on", "off"):
+        cfg, read = resolve_layout(ModelConfig(autoencoder=fixed, align="off"), x)
+        assert cfg.autoencoder == read["autoencoder"] == fixed and cfg.align == "off"
+    assert resolve_layout(ModelConfig(autoencoder="on", align="on"), x) == (
+        ModelConfig(autoencoder="on", align="on"), {"align": "on", "autoencoder": "on"})   # nothing read
+
+
+def test_a_detector_without_the_autoencoder_has_no_such_branch():
+    from raad.model import Detector, ModelConfig
+    small = dict(image_size=64, embed_dim=32, depth=1, num_heads=1, memory="off")
+    with pytest.raises(ValueError, match="--autoencoder"):
+        Detector(ModelConfig(autoencoder="maybe", **small))
+    det = Detector(ModelConfig(autoencoder="off", **small)).eval()
+    assert det.ae is None and det.student.out_head.out_features == det.teacher.target_channels
+    assert Detector(ModelConfig(autoencoder="auto", **small)).ae is not None   # unfitted: built
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(det(x), det(x, branch="student"))
+    with pytest.raises(ValueError, match="no autoencoder.*'off'"):
+        det(x, branch="autoencoder")
+
+
 def test_spread_of_angles():
     assert P.spread_deg(torch.full((10,), 1.3)) < 1e-3
     assert P.spread_deg(torch.linspace(0, 2 * math.pi, 101)[:-1]) > 100
@@ -148,8 +181,9 @@ def test_an_aligned_run_records_its_choice_reloads_and_scores(tmp_path):
             "--steps", "3", "--stage2-steps", "1", "--batch-size", "4", "--memory", "off"]
     assert main(["fit", str(data), "--out", str(run), "--quiet"] + tiny) == 0
     config = json.loads((run / "screw" / "config.json").read_text())
-    chosen = json.loads((run / "screw" / "fit_log.json").read_text())["pose"]
+    chosen = json.loads((run / "screw" / "fit_log.json").read_text())["layout"]
     assert config["model"]["align"] == chosen["align"] == "on"
+    assert config["model"]["autoencoder"] == chosen["autoencoder"] == "on" and chosen["object"]   # an object
     assert chosen["foreground"] >= P.MIN_FOREGROUND and chosen["elongation"] >= P.MIN_ELONGATION and chosen["spread_deg"] >= P.MIN_SPREAD_DEG
     det, _, _ = load_run(run / "screw", precision="fp32")
     again, _, _ = load_run(run / "screw", precision="fp32")
