@@ -118,6 +118,19 @@ def test_int8_specification_is_close_to_the_exact_search(m, n, c, seed):
     assert (out >= 0).all() and ((out - exact).abs() <= bound).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 1200), n=st.integers(1, 150), c=st.integers(1, 30), seed=st.integers(0, 10**6))
+def test_int8_float32_path_is_its_specification(m, n, c, seed):
+    """What CPUs without the VNNI kernel run: the float64 specification's result up to float32
+    rounding, over row chunks (M past the 512-row chunk, ragged)."""
+    q, b = _case(m, n, c, seed)
+    prep = N.prepare_bank_int8(b)
+    out = N._int8_search_float32(q, prep)
+    ref = N.nearest_sq_distance_int8_reference(q, prep)
+    assert out.shape == (m,) and (out >= 0).all()
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4 * (1 + ref.abs().max()))
+
+
 @INT8_KERNEL
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 70), n=st.integers(1, 200), c=st.integers(1, 40), seed=st.integers(0, 10**6))
