@@ -63,6 +63,9 @@ def cmd_bench(args):
         if "attention_only_images_per_s" in r:
             print(f"  the plan's attention alone (linears float): {r['attention_only_images_per_s']:.2f} img/s, "
                   f"{r['attention_only_speedup']:.2f}x")
+        if r["cpu_int8_dot"] is False:
+            from .score import NO_INT8_DOT_NOTE
+            print(f"  note: {NO_INT8_DOT_NOTE}")
 
 
 def cmd_demo(args):

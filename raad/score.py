@@ -127,6 +127,25 @@ def _timed(det, x) -> float:
     return time.perf_counter() - t0
 
 
+#: printed by `raad bench` and `raad demo` where the CPU has no int8 dot-product instruction
+NO_INT8_DOT_NOTE = ("this CPU has no int8 dot-product instruction (AVX-512 VNNI or AMX): its int8 "
+                    "arithmetic is no faster than fp32 FMAs, so the plan cannot beat fp32 here; it "
+                    "pays on CPUs with VNNI and on GPUs")
+
+
+def cpu_int8_dot(device) -> bool | None:
+    """Whether ``device`` is a CPU with an int8 dot-product instruction the kernels use (AVX-512
+    VNNI or AMX); None for other devices or without the CPU extension."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        from raad_kernels._cpu import capabilities
+    except ImportError:
+        return None
+    caps = capabilities()
+    return bool(caps["avx512vnni"] or caps["amx_int8"])
+
+
 def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None) -> dict:
     """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
     the same images (median of ``repeats`` batches each); ``speedup`` is the median over the
@@ -178,7 +197,7 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     if "attention_only" in ips:
         out["attention_only_images_per_s"] = round(ips["attention_only"], 3)
         out["attention_only_speedup"] = paired("attention_only")
-    out.update({"batch": n, "repeats": repeats, "device": device,
+    out.update({"batch": n, "repeats": repeats, "device": device, "cpu_int8_dot": cpu_int8_dot(device),
                 "threads": torch.get_num_threads(), "image_size": size, "images": source,
                 "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()},
                 "plan_linears": plan.get("linears")})

@@ -114,6 +114,12 @@ def test_bench_prints_one_json_line(fitted, capsys):
     assert r["speedup"] > 0 and r["attention_only_speedup"] > 0
     # the plan has W8A8 linears: its attention alone is timed in the same loop
     assert r["plan_linears"] == {"bits": 8, "under": ["student.blocks"]}
+    from raad_kernels._cpu import capabilities
+    caps = capabilities()
+    assert r["cpu_int8_dot"] is bool(caps["avx512vnni"] or caps["amx_int8"])
+    # the text form says so where the CPU cannot gain from int8
+    assert main(["bench", str(run), "--repeats", "1", "--batch-size", "2"]) == 0
+    assert ("no int8 dot-product instruction" in capsys.readouterr().out) is not r["cpu_int8_dot"]
 
 
 def test_bench_speedup_is_the_median_of_paired_rounds(fitted, monkeypatch):
