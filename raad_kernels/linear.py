@@ -21,6 +21,7 @@ or a list of module-name prefixes selects), in the manner of torchao's ``quantiz
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Iterable, Optional
 
@@ -53,12 +54,32 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     multiples of 8; torch 2.14's CPU ``_int_mm`` returns wrong sums for K = 1 (found by
     tests/test_linear.py; K = 2..300 checked exact on 3000 random shapes). Other shapes (and
     devices without ``_int_mm``) take a float64 matmul of the codes, exact while |sum| < 2**53
-    (any K below 5·10**11), which every device has (CUDA has no int64 matmul)."""
+    (any K below 5·10**11), which every device has (CUDA has no int64 matmul). A CPU without
+    VNNI or AMX takes an fp32 matmul of the codes where that is exact (K <= 1040)."""
     m, k = a.shape
     n = b.shape[1]
+    if a.device.type == "cpu" and not _cpu_int_gemm_pays() and k <= _EXACT_FLOAT_K:
+        # as the fused kernel: without VNNI, _int_mm is 30x an fp32 GEMM; this is exact
+        return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int32)
     if _int_mm_ok(a.device) and k > 1 and (a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0)):
         return torch._int_mm(a, b)
     return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
+
+
+#: the longest rows for which an fp32 GEMM of codes in [-127, 127] is exact (127² K < 2^24)
+_EXACT_FLOAT_K = (1 << 24) // (127 * 127)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_int_gemm_pays() -> bool:
+    """Whether this CPU's int8 GEMM (oneDNN) has VNNI or AMX under it (the extension's
+    detection; without the extension, torch's: an AVX-512 CPU is taken to have it)."""
+    try:
+        from ._cpu import capabilities
+        caps = capabilities()
+        return bool(caps["avx512vnni"] or caps["amx_int8"])
+    except ImportError:
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):

@@ -74,12 +74,14 @@ def test_int8_linear_equals_the_specification(monkeypatch, path, m, k, n):
     torch.testing.assert_close(y.double(), spec, rtol=2e-6, atol=2e-6 * spec.abs().max().item())
 
 
+@pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("k", [1040, 1041, 20000])
-def test_int8_linear_sums_stay_exact_where_partial_sums_pass_2_to_the_24(k):
+def test_int8_linear_sums_stay_exact_where_partial_sums_pass_2_to_the_24(monkeypatch, path, k):
     """Without VNNI the fused kernel multiplies the codes as an fp32 GEMM, exact only while
     127² K < 2^24 (K <= 1040); longer rows must take the integer GEMM. Codes ±127 whose partial
     sums reach 127² K / 2 but cancel to 2·127² or 3·127² would show any rounding as a wrong result
-    (an fp32 GEMM of them is 4 off at K = 20000)."""
+    (an fp32 GEMM of them is 4 off at K = 20000). Both CPU paths take the same route."""
+    monkeypatch.setenv("RAAD_LINEAR_FUSED", "1" if path == "fused" else "0")
     x = torch.ones(3, k)
     w = torch.ones(5, k)
     w[:, (k + 1) // 2:] = -1.0
