@@ -245,6 +245,8 @@ def test_demo_writes_table_report_and_heatmaps(tmp_path, monkeypatch, capsys):
     for rel in images:
         assert (out / rel).is_file(), rel
     assert json.loads((out / "demo.json").read_text())["bench"]["pcb"]["images"].startswith("8 test images")
+    # where the CPU has no int8 dot-product instruction, the report says the plan cannot win here
+    assert ("no int8 dot-product instruction" in report) is (res["bench"]["pcb"]["cpu_int8_dot"] is False)
 
 
 def test_ablate_writes_table_json_and_plot(fitted, tmp_path):
