@@ -136,14 +136,8 @@ NO_INT8_DOT_NOTE = ("this CPU has no int8 dot-product instruction (AVX-512 VNNI 
 def cpu_int8_dot(device) -> bool | None:
     """Whether ``device`` is a CPU with an int8 dot-product instruction the kernels use (AVX-512
     VNNI or AMX); None for other devices or without the CPU extension."""
-    if torch.device(device).type != "cpu":
-        return None
-    try:
-        from raad_kernels._cpu import capabilities
-    except ImportError:
-        return None
-    caps = capabilities()
-    return bool(caps["avx512vnni"] or caps["amx_int8"])
+    from raad_kernels.linear import cpu_int8_dot as has_int8_dot
+    return has_int8_dot() if torch.device(device).type == "cpu" else None
 
 
 def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None) -> dict:

@@ -71,15 +71,23 @@ _EXACT_FLOAT_K = (1 << 24) // (127 * 127)
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_int_gemm_pays() -> bool:
-    """Whether this CPU's int8 GEMM (oneDNN) has VNNI or AMX under it (the extension's
-    detection; without the extension, torch's: an AVX-512 CPU is taken to have it)."""
+def cpu_int8_dot() -> bool | None:
+    """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI or AMX), as the CPU
+    extension detects it; None where the extension is not built."""
     try:
         from ._cpu import capabilities
-        caps = capabilities()
-        return bool(caps["avx512vnni"] or caps["amx_int8"])
     except ImportError:
-        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+        return None
+    caps = capabilities()
+    return bool(caps["avx512vnni"] or caps["amx_int8"])
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_int_gemm_pays() -> bool:
+    """Whether this CPU's int8 GEMM (oneDNN) has VNNI or AMX under it (without the extension,
+    torch's detection: an AVX-512 CPU is taken to have it)."""
+    has = cpu_int8_dot()
+    return has if has is not None else torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
