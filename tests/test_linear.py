@@ -93,6 +93,76 @@ def test_int8_linear_sums_stay_exact_where_partial_sums_pass_2_to_the_24(monkeyp
     torch.testing.assert_close(y.double(), spec, rtol=1e-6, atol=0)
 
 
+def _cpu_ext():
+    try:
+        from raad_kernels import _cpu
+    except ImportError:
+        return None
+    return _cpu
+
+
+_CPU = _cpu_ext()
+_HAS_AMX_GEMM = _CPU is not None and _CPU.capabilities()["linear_gemm"] == "amx"
+
+
+@pytest.mark.skipif(not _HAS_AMX_GEMM, reason="the AMX tile GEMM runs only where the CPU has AMX-INT8 "
+                    "and it is the active ISA (RAAD_CPU_ISA unset or 'amx')")
+@pytest.mark.parametrize("m, k, n", [(1, 2, 3), (1, 100, 50), (31, 64, 32), (33, 65, 17), (37, 130, 385),
+                                     (257, 128, 384), (2056, 384, 128), (7, 1100, 9), (64, 3000, 64)])
+def test_amx_gemm_equals_int_mm_bit_for_bit(m, k, n):
+    """The AMX tile kernel against oneDNN's _int_mm on ragged shapes (row tails, K not a
+    multiple of 64, N not a multiple of 32, a non-contiguous weight view): the integer sums are
+    exact on both sides and the scaling is the same float32 operations, so the outputs must be
+    equal bit for bit; and both are close to the float64 specification."""
+    x = activations(m, k, outliers=min(2, k - 1), gain=40.0)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+    codes, scale = quantize_rows_int8(w)
+    codes_t = codes.t()                       # a view: strides (1, k)
+    bias = torch.randn(n)
+    for b in (bias, None):
+        amx = _CPU.linear_int8(x, codes_t, scale.reshape(-1), b, gemm="amx")
+        ref = _CPU.linear_int8(x, codes_t.contiguous(), scale.reshape(-1), b, gemm="int_mm")
+        assert torch.isfinite(amx).all()
+        assert torch.equal(amx, ref), (amx - ref).abs().max()
+        spec = int8_linear_reference(x, w, b)
+        torch.testing.assert_close(amx.double(), spec, rtol=2e-6, atol=2e-6 * spec.abs().max().item())
+
+
+@pytest.mark.skipif(not _HAS_AMX_GEMM, reason="the AMX tile GEMM runs only where the CPU has AMX-INT8")
+def test_amx_gemm_extreme_codes_exact():
+    """Codes at +-127 in every position, K long: partial sums far beyond 2^24 that cancel; any
+    wrong lane, step or padding in the tile layout shows as a wrong integer."""
+    k = 20000
+    x = torch.ones(35, k)
+    x[1::2] = -1.0
+    w = torch.ones(40, k)
+    w[:, (k + 1) // 2:] = -1.0
+    w[::3, -7:] = 1.0
+    codes, scale = quantize_rows_int8(w)
+    amx = _CPU.linear_int8(x, codes.t(), scale.reshape(-1), gemm="amx")
+    exact = x.double() @ codes.double().t()   # x codes are +-127: x = 127 * (1/127) exactly scaled
+    y_int = (amx.double() / scale.reshape(-1).double()).round()
+    assert torch.equal(y_int, exact * 1.0), (y_int - exact).abs().max()
+
+
+def test_fused_kernel_gemm_choice_is_checked():
+    if _CPU is None:
+        pytest.skip("the CPU extension is not built")
+    x, (codes, scale) = torch.randn(4, 8), quantize_rows_int8(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="gemm must be None, 'amx', 'int_mm' or 'fp32'"):
+        _CPU.linear_int8(x, codes.t(), scale.reshape(-1), gemm="mkl")
+    with pytest.raises(ValueError, match="gemm='fp32' is exact only for in_features <= 1040"):
+        _CPU.linear_int8(torch.randn(4, 1100), torch.zeros(1100, 6, dtype=torch.int8), scale.reshape(-1),
+                         gemm="fp32")
+    if not _HAS_AMX_GEMM:
+        with pytest.raises(ValueError, match="gemm='amx' needs AMX-INT8"):
+            _CPU.linear_int8(x, codes.t(), scale.reshape(-1), gemm="amx")
+    # the paths this CPU has all agree (fp32 on codes is exact for K <= 1040)
+    outs = [_CPU.linear_int8(x, codes.t(), scale.reshape(-1), gemm=g)
+            for g in (["amx"] if _HAS_AMX_GEMM else []) + ["int_mm", "fp32"]]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
 def test_int8_linear_accuracy_against_float64_with_outlier_channels():
     x = activations(512, 128, outliers=3, gain=30.0)
     lin = linear(128, 256)

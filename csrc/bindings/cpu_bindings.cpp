@@ -7,6 +7,8 @@
 #include "bindings/checks.h"
 
 #include <cmath>
+#include <cstring>
+#include <tuple>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,6 +30,9 @@ std::string avx512_status() {
   return err.empty() ? "self-check passed" : "self-check FAILED, using avx2: " + err;
 }
 
+bool amx_linear_active();
+std::string linear_gemm_for(int64_t K, const std::optional<std::string>& gemm);
+
 py::dict capabilities() {
   const auto& f = raad::cpu_features();
   py::dict d;
@@ -41,6 +46,8 @@ py::dict capabilities() {
   d["active_isa"] = raad::isa_name(raad::active_isa());
   d["best_isa"] = raad::isa_name(raad::best_isa());
   d["kernel_isa"] = raad::isa_name(rc::kernel_isa(raad::active_isa()));
+  // the W8A8 linear's integer GEMM: AMX tiles, oneDNN's _int_mm (VNNI), or exact fp32 on codes
+  d["linear_gemm"] = linear_gemm_for(0, std::nullopt);
   return d;
 }
 
@@ -223,8 +230,62 @@ std::string self_check(const std::string& isa) { return rc::self_check(parse_isa
 // the largest K for which an fp32 GEMM of int8 codes in [-127, 127] is exact (127^2 K < 2^24)
 constexpr int64_t kExactFloatK = (int64_t{1} << 24) / (127 * 127);
 
+// Whether linear_int8 runs its GEMM on AMX tiles: the running ISA is AMX (RAAD_CPU_ISA can cap
+// it) and, once per process, the tile kernel matched exact integer sums on ragged shapes (a
+// kernel that is wrong on some CPU or OS must not silently replace a correct one).
+bool amx_linear_checked() {
+  static const bool ok = [] {
+    uint32_t state = 12345u;
+    auto next = [&state] {
+      state = state * 1664525u + 1013904223u;
+      return int8_t(int((state >> 24) % 255) - 127);
+    };
+    for (auto [M, K, N] : {std::tuple<int64_t, int64_t, int64_t>{37, 100, 50}, {64, 128, 64}, {5, 2, 3}}) {
+      std::vector<int8_t> a(M * K), w(K * N), packed(rc::amx_packed_weight_bytes(K, N));
+      for (auto& v : a) v = next();
+      for (auto& v : w) v = next();
+      std::vector<float> sx(M), sw(N), bias(N), y(M * N, std::nanf("")), ref(M * N);
+      for (int64_t r = 0; r < M; ++r) sx[r] = 0.01f * float(r + 1);
+      for (int64_t o = 0; o < N; ++o) sw[o] = 0.003f * float(o + 2), bias[o] = 0.5f - 0.01f * float(o);
+      std::vector<int32_t> acc(M * N);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t o = 0; o < N; ++o) {
+          int32_t t = 0;
+          for (int64_t k = 0; k < K; ++k) t += int32_t(a[r * K + k]) * int32_t(w[k * N + o]);
+          acc[r * N + o] = t;
+        }
+      rc::dequantize_i32(acc.data(), M, N, sx.data(), sw.data(), bias.data(), ref.data(), 1);
+      rc::amx_pack_weight(w.data(), K, N, N, 1, packed.data());
+      rc::amx_linear_i8(a.data(), M, K, packed.data(), N, sx.data(), sw.data(), bias.data(), y.data(), 2);
+      if (std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)) != 0) return false;
+    }
+    return true;
+  }();
+  return ok;
+}
+
+bool amx_linear_active() { return raad::active_isa() == CpuIsa::Amx && amx_linear_checked(); }
+
+// The integer GEMM linear_int8 runs: AMX tiles where they are active and checked; oneDNN's
+// _int_mm where the CPU has VNNI (or rows are too long for exact fp32); else an fp32 GEMM of the
+// codes. `gemm` names one explicitly (tests compare the paths bit for bit).
+std::string linear_gemm_for(int64_t K, const std::optional<std::string>& gemm) {
+  if (!gemm.has_value()) {
+    if (amx_linear_active()) return "amx";
+    const bool int_gemm_pays = static_cast<int>(raad::best_isa()) >= static_cast<int>(CpuIsa::Avx512Vnni);
+    return int_gemm_pays || K > kExactFloatK ? "int_mm" : "fp32";
+  }
+  RAAD_CHECK_VALUE(*gemm == "amx" || *gemm == "int_mm" || *gemm == "fp32",
+                   "gemm must be None, 'amx', 'int_mm' or 'fp32'; got '", *gemm, "'");
+  RAAD_CHECK_VALUE(*gemm != "amx" || amx_linear_active(), "gemm='amx' needs AMX-INT8 as the active ISA (active: '",
+                   raad::isa_name(raad::active_isa()), "') and its self-check passed");
+  RAAD_CHECK_VALUE(*gemm != "fp32" || K <= kExactFloatK, "gemm='fp32' is exact only for in_features <= ",
+                   kExactFloatK, "; got ", K);
+  return *gemm;
+}
+
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w_codes_t, const torch::Tensor& w_scale,
-                          const std::optional<torch::Tensor>& bias) {
+                          const std::optional<torch::Tensor>& bias, const std::optional<std::string>& gemm) {
   RAAD_CHECK_TYPE(x.scalar_type() == torch::kFloat, "x must be float32, got ", x.scalar_type());
   RAAD_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D (tokens, features) tensor");
   RAAD_CHECK_TYPE(w_codes_t.scalar_type() == torch::kChar, "w_codes_t must be int8, got ", w_codes_t.scalar_type());
@@ -242,15 +303,25 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w_codes_t
   }
   for (const auto* t : {&x, &w_codes_t, &w_scale})
     RAAD_CHECK_VALUE(t->device().is_cpu(), "linear_int8 takes CPU tensors");
+  const std::string path = linear_gemm_for(K, gemm);
   const int threads = at::get_num_threads();
   auto codes = torch::empty({M, K}, x.options().dtype(torch::kChar));
   auto sx = torch::empty({M}, x.options());
   rc::quantize_rows_i8(x.data_ptr<float>(), M, K, K, codes.data_ptr<int8_t>(), sx.data_ptr<float>(), threads);
+  if (path == "amx") {
+    // the weight is re-laid out per call (K·N bytes, small next to the M·K·N products)
+    auto packed = torch::empty({rc::amx_packed_weight_bytes(K, N)}, x.options().dtype(torch::kChar));
+    rc::amx_pack_weight(w_codes_t.data_ptr<int8_t>(), K, N, w_codes_t.stride(0), w_codes_t.stride(1),
+                        packed.data_ptr<int8_t>());
+    auto y = torch::empty({M, N}, x.options());
+    rc::amx_linear_i8(codes.data_ptr<int8_t>(), M, K, packed.data_ptr<int8_t>(), N, sx.data_ptr<float>(),
+                      w_scale.data_ptr<float>(), b, y.data_ptr<float>(), threads);
+    return y;
+  }
   // oneDNN's int8 GEMM is fast only with VNNI (or AMX); on AVX2 alone it took 30x an fp32 GEMM
   // (Zen 2, 2056x128x384: 60 ms vs 1.8). There the codes' product runs as an fp32 GEMM, which is
   // exact while every partial sum is an integer below 2^24: |sum| <= 127^2 K, K <= 1040.
-  const bool int_gemm_pays = static_cast<int>(raad::best_isa()) >= static_cast<int>(CpuIsa::Avx512Vnni);
-  auto acc = int_gemm_pays || K > kExactFloatK
+  auto acc = path == "int_mm"
                  ? at::_int_mm(codes, w_codes_t)
                  : at::mm(codes.to(torch::kFloat), w_codes_t.to(torch::kFloat)).to(torch::kInt);
   auto y = torch::empty({M, N}, x.options());
@@ -321,8 +392,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("self_check", &self_check, "Compare an ISA path with the portable one on small problems ('' = agree)",
         py::arg("isa"));
   m.def("linear_int8", &linear_int8, "W8A8 linear: x float32 (M, K) contiguous, w_codes_t int8 (K, N), "
-        "w_scale float32 (N,), bias float32 (N,) or None -> float32 (M, N) (see raad_kernels.linear)",
-        py::arg("x"), py::arg("w_codes_t"), py::arg("w_scale"), py::arg("bias") = py::none());
+        "w_scale float32 (N,), bias float32 (N,) or None -> float32 (M, N); gemm: None (best) or "
+        "'amx' / 'int_mm' / 'fp32' (see raad_kernels.linear)",
+        py::arg("x"), py::arg("w_codes_t"), py::arg("w_scale"), py::arg("bias") = py::none(),
+        py::arg("gemm") = py::none());
   m.def("nearest_sq_distance", &nearest_sq_distance, "Each row of q (M, K): squared distance to its nearest "
         "column of bank_t (K, N), N a multiple of 64, b_sq (N,) the columns' squared norms (inf: padding) "
         "(see raad_kernels.nearest)", py::arg("q"), py::arg("bank_t"), py::arg("b_sq"));

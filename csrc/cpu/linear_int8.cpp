@@ -3,6 +3,11 @@
 // (target_clones), so this file needs no ISA flags of its own.
 #include "cpu/linear_int8.h"
 
+// No fused multiply-add: GCC contracts a * b + c by default, and did so in dequantize_i32's
+// 16-wide loop but not in its 8-wide tail, so two GEMM paths (AMX tiles, _int_mm) with the same
+// integer sums gave outputs a rounding apart. Plain mul-then-add everywhere makes them bitwise equal.
+#pragma GCC optimize("fp-contract=off")
+
 #include <omp.h>
 
 #include <algorithm>
