@@ -39,6 +39,9 @@ from raad_kernels import cpu_backend  # noqa: E402
 
 CAPS = _cpu.capabilities()
 ISAS = ["portable"] + (["avx2"] if CAPS["avx2"] else []) + (["avx512"] if CAPS["best_isa"] in ("avx512", "amx") else [])
+# the AMX tile kernels, where the CPU and OS have AMX-INT8 (nothing emulates them elsewhere)
+HAS_AMX = CAPS["best_isa"] == "amx"
+ISAS += ["amx"] if HAS_AMX else []
 
 from emu_builders import avx512_emulated  # noqa: E402
 
@@ -97,7 +100,7 @@ def test_status_and_capabilities():
     st_ = rk.backends()["cpu"]
     assert st_.built and st_.runnable, st_.reason
     assert CAPS["active_isa"] in ("portable", "avx2", "avx512", "amx")
-    assert CAPS["kernel_isa"] in ("portable", "avx2", "avx512")
+    assert CAPS["kernel_isa"] in ("portable", "avx2", "avx512", "amx")
     assert cpu_backend.supports(torch.device("cpu")) and not cpu_backend.supports(torch.device("meta"))
     # auto picks the cpu backend for CPU tensors
     q, k, v = make_qkv(1, 1, 8, 16)
@@ -118,6 +121,32 @@ def test_avx512_kernels_are_tested_here():
     if EMU512 is None and "avx512" not in ISAS:
         pytest.skip(f"AVX-512 kernels neither native nor emulated here: {EMU512_WHY}")
     assert "avx512" in ISAS or EMU512.capabilities()["kernel_isa"] == "avx512"
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the AMX tile kernels run only on CPUs with AMX-INT8 granted by the OS")
+def test_amx_kernels_are_active_and_equal_avx512_bit_for_bit():
+    """The AMX kernels compute the same integers as the AVX-512 ones (signed tiles instead of
+    offset vpdpbusd) and then the same float operations, so every output and map must be the
+    same bits: ragged N (1, 37, 257, 300), head dims padded to the 64-byte tile row (16, 40, 72,
+    130), outlier channels, masks with fully masked rows, both P·V modes."""
+    assert CAPS["kernel_isa"] == "amx" or os.environ.get("RAAD_CPU_ISA"), CAPS
+    assert _cpu.self_check("amx") == ""
+    g = torch.Generator().manual_seed(7)
+    for b, h, n, d in [(2, 2, 257, 64), (1, 3, 1, 40), (1, 2, 37, 72), (2, 1, 150, 130), (1, 1, 64, 16),
+                       (1, 2, 300, 64)]:
+        q, k, v = make_qkv(b, h, n, d, seed=n + d)
+        k[..., 3] += 8.0                                   # an outlier channel
+        mask = torch.rand(n, n, generator=g) > 0.3
+        mask[min(2, n - 1)] = False                        # a fully masked row
+        for bits in (8, 4, 2):
+            for pv in (8, 16):
+                for maps, m in (((), None), (MAPS, mask)):
+                    o1, m1 = run(q, k, v, "avx512", bits, pv, maps, m)
+                    o2, m2 = run(q, k, v, "amx", bits, pv, maps, m)
+                    what = f"{(b, h, n, d)} qk{bits} pv{pv} maps={bool(maps)}"
+                    assert torch.equal(o1, o2), f"{what}: out differs by {(o1 - o2).abs().max()}"
+                    for name in m1:
+                        assert torch.equal(m1[name], m2[name]), f"{what}: {name} differs"
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ int next_pow2(int64_t d) {
 
 const Kernels& kernels_for(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::Amx:
+    case CpuIsa::Amx: return kernels_amx();
     case CpuIsa::Avx512Vnni: return kernels_avx512();
     case CpuIsa::Avx2: return kernels_avx2();
     default: return kernels_portable();
@@ -64,7 +64,7 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.want_cache = p.want_cls || p.want_recv;
   p.v_float = K.v_float && a.pv_bits == 8;
   p.dp = a.rotate ? next_pow2(a.D) : int(a.D);
-  p.dpad = int(round_up(p.dp, p.bits == 8 ? 4 : (p.bits == 4 ? 8 : 16)));
+  p.dpad = int(round_up(round_up(p.dp, p.bits == 8 ? 4 : (p.bits == 4 ? 8 : 16)), K.dpad_align));
   p.kgroup = K.kgroup;
   p.kchunk = K.kchunk;
   p.dvp = int(round_up(a.Dv, K.dv_align));
@@ -91,8 +91,9 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.off_rs = take(QT * 4);
   p.off_qsum = take(QT * 4);
   p.off_row = take(size_t(dmax + 16) * 4 + 2 * size_t(p.dpad) + 64);  // a row, then 2 × dpad code bytes
-  p.off_S = take(size_t(kRowGroup) * kKeyBlock * 4 + 256);
-  p.off_P = take(size_t(kKeyBlock) * 12 + 512);  // u8 codes, or float values + int32 indices
+  // scores of a row group (AMX: of the whole tile), and the P operand of a row (AMX: of the tile)
+  p.off_S = take(QT * kKeyBlock * 4 + 256);
+  p.off_P = take(std::max(size_t(kKeyBlock) * 12 + 512, QT * kKeyBlock));  // u8 codes, or floats + indices
   p.off_bias = take(size_t(kKeyBlock) * 4);
   p.off_outf = take(QT * p.dvp * 4);
   p.off_m = take(QT * 4);
@@ -363,7 +364,12 @@ std::string self_check(CpuIsa isa) {
 }
 
 CpuIsa kernel_isa(CpuIsa isa) {
-  if (isa == CpuIsa::Amx) isa = CpuIsa::Avx512Vnni;  // no AMX tile kernel: AVX-512 VNNI kernels
+  if (isa == CpuIsa::Amx) {
+    static std::once_flag once;
+    static bool ok = true;
+    std::call_once(once, [] { ok = self_check(CpuIsa::Amx).empty(); });
+    if (!ok) isa = CpuIsa::Avx512Vnni;
+  }
   if (isa == CpuIsa::Avx512Vnni) {
     static std::once_flag once;
     static bool ok = true;

@@ -21,10 +21,13 @@
 //    Same encodings as quant.pack (little-endian within the byte); the element order is blocked.
 //    The head dim is padded with zero codes to `dpad` (a multiple of 4, 8, 16 at 8, 4, 2 bits);
 //    keys are padded to `nkp` (scale 0, masked to -inf in the kernel).
+//    The AMX kernels read a K group's 16 steps of 64 channels as one 16×64-byte tile (int4 and
+//    int2 unpacked to signed bytes per block first), so they pad the head dim to 64.
 //  * K scales: float per key.
 //  * V (pv_bits = 8), integer P·V kernels (portable, AVX-512): int8 codes, quads of keys
 //    interleaved per channel: [nkp/4][dvp][4], so a vector is (channels × 4 keys) as `vpdpbusd`
-//    wants (unsigned P codes of 4 keys × signed V); padded with zeros.
+//    wants (unsigned P codes of 4 keys × signed V); padded with zeros. For AMX, 16 quads of a
+//    16-channel slice are one tile (row stride dvp · 4 bytes).
 //  * V (pv_bits = 8), fp32-FMA P·V kernel (AVX2, `v_float`): the same int8 codes stored as exact
 //    floats [nkp][dvp]: with P an integer in 0..255, every product and every block sum
 //    (≤ 64 · 255 · 127 < 2^24) is exact, so the result equals the integer one.
@@ -100,10 +103,12 @@ struct Kernels {
   void (*tile)(const AttentionArgs&, const Plan&, const Work&, int64_t bh, int64_t qt,
                int64_t slot, uint8_t* scratch);
   bool int2_planes = false;  // can run int2 Q·Kᵀ on bit planes (Plan::kplanes)
+  int dpad_align = 1;        // the head dim padded to a multiple of this too (AMX: 64-byte tile rows)
 };
 
 const Kernels& kernels_portable();
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
+const Kernels& kernels_amx();
 
 }  // namespace raad::cpu

@@ -197,6 +197,44 @@ inline __m256 scores8(__m256i s, __m256 ks, __m256 rsv, int base, int lim, __m25
   return u;
 }
 
+// The maps of one query tile from its fp16 probability cache (softmax_row wrote it): normalised
+// p = cache · 2^(stamp − m) / l, summed into the tile's `received` partials, and the CLS row.
+inline void tile_maps(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, int64_t qt, int64_t slot,
+                      int nr, const float* M, const float* L, const float* stamp, const uint16_t* cache) {
+  float* rec = p.want_recv ? received_row(p, w, slot, bh) : nullptr;
+  float* cls = (p.want_cls && qt == 0) ? a.cls + bh * p.Nk : nullptr;
+  float f[kQueryTile];
+  for (int64_t kb = 0; kb < p.nkb; ++kb) {
+    const int64_t j0 = kb * kKeyBlock;
+    const int nv = int(min64_(kKeyBlock, p.Nk - j0));
+    for (int r = 0; r < nr; ++r) {
+      const float st = stamp[int64_t(r) * p.nkb + kb];
+      f[r] = (L[r] > 0.f && st != -inf_()) ? _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(st - M[r]))) / L[r] : 0.f;
+    }
+    const uint16_t* c0 = cache + j0;
+    if (rec) {
+      float* dst = rec + j0;
+      int jj = 0;
+      for (; jj + 8 <= nv; jj += 8) {
+        __m256 acc = _mm256_loadu_ps(dst + jj);
+        for (int r = 0; r < nr; ++r) {
+          const __m256 pv = _mm256_cvtph_ps(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + int64_t(r) * p.cache_row + jj)));
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(f[r]), pv, acc);
+        }
+        _mm256_storeu_ps(dst + jj, acc);
+      }
+      for (; jj < nv; ++jj) {
+        float acc = dst[jj];
+        for (int r = 0; r < nr; ++r) acc += f[r] * f16_to_f32(c0[int64_t(r) * p.cache_row + jj]);
+        dst[jj] = acc;
+      }
+    }
+    if (cls)
+      for (int jj = 0; jj < nv; ++jj) cls[j0 + jj] = f[0] * f16_to_f32(c0[jj]);
+  }
+}
+
 // The fused kernel of one (b, h, query tile). ISA provides:
 //   kGroup, kChunk (keys per Q·Kᵀ chunk), kNeedAbs (wants |q| codes), kPvFloat (P·V at 8 bits on
 //   float-stored codes with fp32 FMA, else the integer kernel pv8),
@@ -291,40 +329,7 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
     finish_row(a, p, w, bh, i0 + r, outf + int64_t(r) * p.dvp, L[r], row);
     if (p.want_ent) a.entropy[bh * p.Nq + i0 + r] = entropy_of(L[r], T[r]);
   }
-  if (!p.want_cache) return;
-  // Maps from the fp16 probability cache: normalised p = cache · 2^(stamp − m) / l.
-  float* rec = p.want_recv ? received_row(p, w, slot, bh) : nullptr;
-  float* cls = (p.want_cls && qt == 0) ? a.cls + bh * p.Nk : nullptr;
-  float f[kQueryTile];
-  for (int64_t kb = 0; kb < p.nkb; ++kb) {
-    const int64_t j0 = kb * kKeyBlock;
-    const int nv = int(min64_(kKeyBlock, p.Nk - j0));
-    for (int r = 0; r < nr; ++r) {
-      const float st = stamp[int64_t(r) * p.nkb + kb];
-      f[r] = (L[r] > 0.f && st != -inf_()) ? _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(st - M[r]))) / L[r] : 0.f;
-    }
-    const uint16_t* c0 = cache + j0;
-    if (rec) {
-      float* dst = rec + j0;
-      int jj = 0;
-      for (; jj + 8 <= nv; jj += 8) {
-        __m256 acc = _mm256_loadu_ps(dst + jj);
-        for (int r = 0; r < nr; ++r) {
-          const __m256 pv = _mm256_cvtph_ps(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + int64_t(r) * p.cache_row + jj)));
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(f[r]), pv, acc);
-        }
-        _mm256_storeu_ps(dst + jj, acc);
-      }
-      for (; jj < nv; ++jj) {
-        float acc = dst[jj];
-        for (int r = 0; r < nr; ++r) acc += f[r] * f16_to_f32(c0[int64_t(r) * p.cache_row + jj]);
-        dst[jj] = acc;
-      }
-    }
-    if (cls)
-      for (int jj = 0; jj < nv; ++jj) cls[j0 + jj] = f[0] * f16_to_f32(c0[jj]);
-  }
+  if (p.want_cache) tile_maps(a, p, w, bh, qt, slot, nr, M, L, stamp, cache);
 }
 
 }  // namespace
