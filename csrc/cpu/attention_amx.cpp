@@ -76,26 +76,31 @@ const int8_t* k_operand(const Plan& p, const uint8_t* kblk, int ngroups, int8_t*
   return kun;
 }
 
-// Scores of 32 rows × 32 keys (keys base.. of the block): int32 tiles → s · s_k · rs in log2
-// units, keys ≥ lim → -inf, into S (row stride kKeyBlock); running row maxima in mx.
-inline void scores_epilogue(const int32_t (*acc)[256], const float* rs, const float* ks, float* S, int base, int lim,
-                            float* mx) {
+// Scores of the 32 rows × nk keys of a block: int32 tiles (acc[4·half + 2·rt + ct]: rows
+// 16 rt.., keys 32 half + 16 ct..) → s · s_k · rs in log2 units, keys ≥ lim → -inf, into S (row
+// stride kKeyBlock); each row's max with one horizontal reduction per row.
+inline void scores_epilogue(const int32_t (*acc)[256], const float* rs, const float* ks, float* S, int nk, int lim,
+                            float* bmax) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int ct = 0; ct < 2; ++ct) {
-    const int kbase = base + 16 * ct;
-    const __m512 ksv = _mm512_loadu_ps(ks + kbase);
-    const __mmask16 valid = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(lim), _mm512_add_epi32(_mm512_set1_epi32(kbase), lane));
-    for (int rt = 0; rt < 2; ++rt) {
-      const int32_t* c = acc[2 * rt + ct];
-      for (int r = 0; r < kTileRows; ++r) {
-        const int row = 16 * rt + r;
-        __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r)), ksv),
-                                 _mm512_set1_ps(rs[row]));
-        u = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-inf_()), u);
-        mx[row] = maxf_(mx[row], _mm512_reduce_max_ps(u));
-        _mm512_storeu_ps(S + row * kKeyBlock + kbase, u);
-      }
+  const int nvec = nk / 16;
+  __m512 ksv[4];
+  __mmask16 valid[4];
+  for (int c = 0; c < nvec; ++c) {
+    ksv[c] = _mm512_loadu_ps(ks + 16 * c);
+    valid[c] = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(lim), _mm512_add_epi32(_mm512_set1_epi32(16 * c), lane));
+  }
+  for (int row = 0; row < kQueryTile; ++row) {
+    const int rt = row >> 4, r = row & 15;
+    const __m512 rsv = _mm512_set1_ps(rs[row]);
+    __m512 mx = _mm512_set1_ps(-inf_());
+    for (int c = 0; c < nvec; ++c) {
+      const int32_t* a = acc[4 * (c >> 1) + 2 * rt + (c & 1)] + 16 * r;
+      __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(a)), ksv[c]), rsv);
+      u = _mm512_mask_blend_ps(valid[c], _mm512_set1_ps(-inf_()), u);
+      mx = _mm512_max_ps(mx, u);
+      _mm512_storeu_ps(S + row * kKeyBlock + 16 * c, u);
     }
+    bmax[row] = _mm512_reduce_max_ps(mx);
   }
 }
 
@@ -104,7 +109,6 @@ void qk_tile(const Plan& p, const int8_t* qc, const int8_t* kop, const float* rs
              float* S, float* bmax, int32_t (*cbuf)[256]) {
   const int64_t ub = int64_t(16) * p.dpad;  // bytes per group of 16 keys
   const int nchunks = p.dpad / 64;
-  for (int r = 0; r < kQueryTile; ++r) bmax[r] = -inf_();
   for (int half = 0; half * 32 < nk; ++half) {
     const int8_t* b0 = kop + (2 * half) * ub;
     const int8_t* b1 = b0 + ub;
@@ -122,12 +126,13 @@ void qk_tile(const Plan& p, const int8_t* qc, const int8_t* kop, const float* rs
       _tile_dpbssd(2, 5, 6);
       _tile_dpbssd(3, 5, 7);
     }
-    _tile_stored(0, cbuf[0], 64);
-    _tile_stored(1, cbuf[1], 64);
-    _tile_stored(2, cbuf[2], 64);
-    _tile_stored(3, cbuf[3], 64);
-    scores_epilogue(cbuf, rs, ks, S, 32 * half, nv, bmax);
+    int32_t (*c)[256] = cbuf + 4 * half;
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
   }
+  scores_epilogue(cbuf, rs, ks, S, nk, nv, bmax);
 }
 
 // O[r] = α[r] · O[r] + Σ_keys P[r, key] · V[key, :] for the 32 rows; P rows of 64 u8 codes, V the
@@ -205,7 +210,7 @@ void tile_amx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
   const uint8_t* kbh = w.kq + bh * p.kq_stride;
   const float* ks = w.ks + bh * p.nkp;
   const int64_t gbytes = k_group_bytes(p);
-  alignas(64) int32_t cbuf[4][256];
+  alignas(64) int32_t cbuf[8][256];
   float bmax[kQueryTile], alpha[kQueryTile];
 
   configure_tiles();
