@@ -19,6 +19,7 @@
 // 2 A tiles, 2 B tiles.
 #include <immintrin.h>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/avx_driver.h"
 
 // GCC 12 warns about the deliberately undefined upper lanes inside _mm512_reduce_max_ps.
@@ -29,23 +30,6 @@ namespace raad::cpu {
 namespace {
 
 constexpr int kTileRows = 16;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // K codes of one key block (4 groups of 16 keys) as signed bytes in the int8 group layout.
 // int8 is read in place; int4 / int2 are unpacked into `kun` (64 × dpad bytes).
@@ -178,31 +162,12 @@ void tile_amx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t i0 = qt * kQueryTile;
   const int nr = int(min64_(kQueryTile, p.Nq - i0));
-  int8_t* qc = reinterpret_cast<int8_t*>(scr + p.off_qc);
-  float* rs = reinterpret_cast<float*>(scr + p.off_rs);
-  int32_t* qsum = reinterpret_cast<int32_t*>(scr + p.off_qsum);
-  float* row = reinterpret_cast<float*>(scr + p.off_row);
-  float* S = reinterpret_cast<float*>(scr + p.off_S);
-  uint8_t* P8 = scr + p.off_P;
-  float* Pv = reinterpret_cast<float*>(scr + p.off_P);
-  float* bias = reinterpret_cast<float*>(scr + p.off_bias);
-  float* outf = reinterpret_cast<float*>(scr + p.off_outf);
-  float* M = reinterpret_cast<float*>(scr + p.off_m);
-  float* L = reinterpret_cast<float*>(scr + p.off_l);
-  float* T = reinterpret_cast<float*>(scr + p.off_t);
-  float* stamp = reinterpret_cast<float*>(scr + p.off_stamp);
-  uint16_t* cache = reinterpret_cast<uint16_t*>(scr + p.off_cache);
-  int8_t* kun = reinterpret_cast<int8_t*>(scr + p.off_kun);
-
+  [[maybe_unused]] const auto [qc, qa, rs, qsum, row, S, P8, Pv, bias, outf, M, L, T, stamp, cache8, kun, tmp] =
+      tile_scratch(p, scr);
+  uint16_t* cache = reinterpret_cast<uint16_t*>(cache8);
   // Q codes row-major, all 32 rows (rows ≥ nr zero: their scores are computed and ignored)
-  int8_t* tmp = reinterpret_cast<int8_t*>(row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
   prepare_q_tile(a, p, b, h, i0, nr, kQueryTile, row, tmp, false, qc, nullptr, rs, qsum);
-  for (int r = 0; r < nr; ++r) {
-    M[r] = -inf_();
-    L[r] = 0.f;
-    T[r] = 0.f;
-    for (int c = 0; c < p.dvp; ++c) outf[int64_t(r) * p.dvp + c] = 0.f;
-  }
+  start_rows(p, nr, M, L, T, outf);
   const bool int_pv = p.pv_bits == 8;
   if (int_pv) std::memset(P8, 0, size_t(kQueryTile) * kKeyBlock);  // rows ≥ nr stay zero
   const int pvmode = int_pv ? 0 : (a.q.dtype == DType::BF16 ? 2 : 1);

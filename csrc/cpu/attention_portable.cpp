@@ -20,29 +20,11 @@ void tile_portable(const AttentionArgs& a, const Plan& p, const Work& w, int64_t
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t i0 = qt * kQueryTile;
   const int nr = int(min64_(kQueryTile, p.Nq - i0));
-  int8_t* qc = reinterpret_cast<int8_t*>(scr + p.off_qc);
-  float* rs = reinterpret_cast<float*>(scr + p.off_rs);
-  int32_t* qsum = reinterpret_cast<int32_t*>(scr + p.off_qsum);
-  float* row = reinterpret_cast<float*>(scr + p.off_row);
-  float* S = reinterpret_cast<float*>(scr + p.off_S);
-  float* P = reinterpret_cast<float*>(scr + p.off_P);
-  float* bias = reinterpret_cast<float*>(scr + p.off_bias);
-  float* outf = reinterpret_cast<float*>(scr + p.off_outf);
-  float* M = reinterpret_cast<float*>(scr + p.off_m);
-  float* L = reinterpret_cast<float*>(scr + p.off_l);
-  float* T = reinterpret_cast<float*>(scr + p.off_t);
-  float* stamp = reinterpret_cast<float*>(scr + p.off_stamp);
-  float* cache = reinterpret_cast<float*>(scr + p.off_cache);
-  int8_t* kun = reinterpret_cast<int8_t*>(scr + p.off_kun);
-
-  int8_t* tmp = reinterpret_cast<int8_t*>(row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
+  [[maybe_unused]] const auto [qc, qa, rs, qsum, row, S, P8, P, bias, outf, M, L, T, stamp, cache8, kun, tmp] =
+      tile_scratch(p, scr);
+  float* cache = reinterpret_cast<float*>(cache8);
   prepare_q_tile(a, p, b, h, i0, nr, nr, row, tmp, false, qc, nullptr, rs, qsum);
-  for (int r = 0; r < nr; ++r) {
-    M[r] = -inf_();
-    L[r] = 0.f;
-    T[r] = 0.f;
-    for (int c = 0; c < p.dvp; ++c) outf[int64_t(r) * p.dvp + c] = 0.f;
-  }
+  start_rows(p, nr, M, L, T, outf);
 
   const uint8_t* kbh = w.kq + bh * p.kq_stride;
   const float* ks = w.ks + bh * p.nkp;

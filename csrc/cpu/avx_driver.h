@@ -249,31 +249,12 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
   const int64_t i0 = qt * kQueryTile;
   const int nr = int(min64_(kQueryTile, p.Nq - i0));
   const int ng = (nr + kRowGroup - 1) / kRowGroup;
-  int8_t* qc = reinterpret_cast<int8_t*>(scr + p.off_qc);
-  int8_t* qa = reinterpret_cast<int8_t*>(scr + p.off_qa);
-  float* rs = reinterpret_cast<float*>(scr + p.off_rs);
-  int32_t* qsum = reinterpret_cast<int32_t*>(scr + p.off_qsum);
-  float* row = reinterpret_cast<float*>(scr + p.off_row);
-  float* S = reinterpret_cast<float*>(scr + p.off_S);
-  uint8_t* P8 = scr + p.off_P;
-  float* Pv = reinterpret_cast<float*>(scr + p.off_P);
-  float* bias = reinterpret_cast<float*>(scr + p.off_bias);
-  float* outf = reinterpret_cast<float*>(scr + p.off_outf);
-  float* M = reinterpret_cast<float*>(scr + p.off_m);
-  float* L = reinterpret_cast<float*>(scr + p.off_l);
-  float* T = reinterpret_cast<float*>(scr + p.off_t);
-  float* stamp = reinterpret_cast<float*>(scr + p.off_stamp);
-  uint16_t* cache = reinterpret_cast<uint16_t*>(scr + p.off_cache);
-
-  int8_t* tmp = reinterpret_cast<int8_t*>(row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
+  [[maybe_unused]] const auto [qc, qa, rs, qsum, row, S, P8, Pv, bias, outf, M, L, T, stamp, cache8, kun, tmp] =
+      tile_scratch(p, scr);
+  uint16_t* cache = reinterpret_cast<uint16_t*>(cache8);
   prepare_q_tile(a, p, b, h, i0, nr, ng * kRowGroup, row, tmp, true, qc, ISA::kNeedAbs && p.bits == 8 ? qa : nullptr,
                  rs, qsum);
-  for (int r = 0; r < nr; ++r) {
-    M[r] = -inf_();
-    L[r] = 0.f;
-    T[r] = 0.f;
-    for (int c = 0; c < p.dvp; ++c) outf[int64_t(r) * p.dvp + c] = 0.f;
-  }
+  start_rows(p, nr, M, L, T, outf);
 
   const bool int_pv = p.pv_bits == 8 && !ISA::kPvFloat;
   const int pvmode = p.pv_bits == 8 ? (int_pv ? 0 : 3) : (a.q.dtype == DType::BF16 ? 2 : 1);

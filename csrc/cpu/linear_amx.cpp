@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/linear_int8.h"
 
 namespace raad::cpu {
@@ -25,24 +26,6 @@ namespace {
 
 constexpr int kRows = 32;   // rows of x per work item (2 row tiles)
 constexpr int kCols = 32;   // outputs per inner step (2 weight tiles)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile 16 rows × 64 bytes: codes are padded to whole 64-byte K chunks and 16-row tiles.
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // y[r, o] for the rows r0..r0+nr and outputs o0..o0+no of one 16×16 tile buffer.
 inline void dequant_tile(const int32_t* c, int nr, int no, const float* sx, const float* sw, const float* bias,

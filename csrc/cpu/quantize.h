@@ -802,6 +802,52 @@ inline void prep_impl(const AttentionArgs& a, const Plan& p, const Work& w, int6
 // Phase C helpers shared by every kernel
 // --------------------------------------------------------------------------------------------
 
+// The per-thread scratch of one query tile, typed (offsets from make_plan). `cache` is the
+// probability cache's bytes (fp16 in the vector kernels, fp32 in the portable one); `tmp` the
+// code bytes after the row buffer.
+struct TileScratch {
+  int8_t *qc, *qa;
+  float* rs;
+  int32_t* qsum;
+  float *row, *S;
+  uint8_t* P8;
+  float *Pv, *bias, *outf, *M, *L, *T, *stamp;
+  uint8_t* cache;
+  int8_t *kun, *tmp;
+};
+
+inline TileScratch tile_scratch(const Plan& p, uint8_t* scr) {
+  TileScratch t;
+  t.qc = reinterpret_cast<int8_t*>(scr + p.off_qc);
+  t.qa = reinterpret_cast<int8_t*>(scr + p.off_qa);
+  t.rs = reinterpret_cast<float*>(scr + p.off_rs);
+  t.qsum = reinterpret_cast<int32_t*>(scr + p.off_qsum);
+  t.row = reinterpret_cast<float*>(scr + p.off_row);
+  t.S = reinterpret_cast<float*>(scr + p.off_S);
+  t.P8 = scr + p.off_P;
+  t.Pv = reinterpret_cast<float*>(scr + p.off_P);
+  t.bias = reinterpret_cast<float*>(scr + p.off_bias);
+  t.outf = reinterpret_cast<float*>(scr + p.off_outf);
+  t.M = reinterpret_cast<float*>(scr + p.off_m);
+  t.L = reinterpret_cast<float*>(scr + p.off_l);
+  t.T = reinterpret_cast<float*>(scr + p.off_t);
+  t.stamp = reinterpret_cast<float*>(scr + p.off_stamp);
+  t.cache = scr + p.off_cache;
+  t.kun = reinterpret_cast<int8_t*>(scr + p.off_kun);
+  t.tmp = reinterpret_cast<int8_t*>(t.row + (p.dp > p.Dv ? p.dp : p.Dv) + 16);
+  return t;
+}
+
+// The online-softmax state of the tile's rows before the first key block: m = -inf, l = t = 0, o = 0.
+inline void start_rows(const Plan& p, int nr, float* M, float* L, float* T, float* outf) {
+  for (int r = 0; r < nr; ++r) {
+    M[r] = -inf_();
+    L[r] = 0.f;
+    T[r] = 0.f;
+    for (int c = 0; c < p.dvp; ++c) outf[int64_t(r) * p.dvp + c] = 0.f;
+  }
+}
+
 // Quantize the query rows of a tile: codes (rows >= nr are zero), log2-domain row scales
 // rs = s_q · scale · log2(e), and code sums (for the offset corrections). `qa` (may be null) gets
 // the absolute codes. Layout: row-major [row][dpad], or with `interleave` grouped by kRowGroup
