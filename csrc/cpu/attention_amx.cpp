@@ -190,14 +190,7 @@ void tile_amx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
     for (int r = 0; r < nr; ++r) {
       float* Sr = S + r * kKeyBlock;
       float bm = bmax[r];
-      if (a.mask.data) {
-        load_bias_log2(a.mask, b, h, i0 + r, j0, nv, bias);
-        bm = -inf_();
-        for (int jj = 0; jj < nv; ++jj) {
-          Sr[jj] += bias[jj];
-          bm = maxf_(bm, Sr[jj]);
-        }
-      }
+      if (a.mask.data) bm = add_mask_row(a.mask, b, h, i0 + r, j0, nv, bias, Sr);
       uint64_t nzmask = 0;
       uint8_t* prow = P8 + r * kKeyBlock;
       if (softmax(Sr, nk, bm, M[r], L[r], T[r], int_pv ? prow : P8, Pv, &nzmask,

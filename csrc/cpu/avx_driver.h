@@ -280,14 +280,7 @@ void tile_avx(const AttentionArgs& a, const Plan& p, const Work& w, int64_t bh, 
         float* Sr = S + rr * kKeyBlock;
         for (int jj = nk; jj < n32; ++jj) Sr[jj] = -inf_();
         float bm = bmax[rr];
-        if (a.mask.data) {
-          load_bias_log2(a.mask, b, h, i0 + r, j0, nv, bias);
-          bm = -inf_();
-          for (int jj = 0; jj < nv; ++jj) {
-            Sr[jj] += bias[jj];
-            bm = maxf_(bm, Sr[jj]);
-          }
-        }
+        if (a.mask.data) bm = add_mask_row(a.mask, b, h, i0 + r, j0, nv, bias, Sr);
         float alpha;
         uint64_t nzmask = 0;
         if (softmax(Sr, n32, bm, M[r], L[r], T[r], P8, Pv, &nzmask, cache + int64_t(r) * p.cache_row + j0,

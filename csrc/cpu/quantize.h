@@ -215,6 +215,17 @@ inline void load_bias_log2(const View4& m, int64_t b, int64_t h, int64_t i, int6
   }
 }
 
+// Scores S[0..n) of query row i plus its mask row (log2 units, through `bias`); returns their max.
+inline float add_mask_row(const View4& m, int64_t b, int64_t h, int64_t i, int64_t j0, int n, float* bias, float* S) {
+  load_bias_log2(m, b, h, i, j0, n, bias);
+  float bm = -inf_();
+  for (int jj = 0; jj < n; ++jj) {
+    S[jj] += bias[jj];
+    bm = maxf_(bm, S[jj]);
+  }
+  return bm;
+}
+
 // --------------------------------------------------------------------------------------------
 // Rotation and per-token quantization
 // --------------------------------------------------------------------------------------------
