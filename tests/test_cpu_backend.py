@@ -123,6 +123,23 @@ def test_avx512_kernels_are_tested_here():
     assert "avx512" in ISAS or EMU512.capabilities()["kernel_isa"] == "avx512"
 
 
+@pytest.mark.skipif(not ("avx2" in ISAS and "avx512" in ISAS), reason="needs native AVX2 and AVX-512 paths")
+def test_vector_quantizers_give_the_same_bits():
+    """The AVX-512 row quantizer (16-lane rounding and Hadamard butterflies, squares summed in the
+    AVX2 order) must give the AVX2 path's codes and scales bit for bit: head dims 16..256, all
+    bit-widths, rotated or not, adversarial rows (outliers, zeros)."""
+    paths = ["avx2", "avx512"] + (["amx"] if HAS_AMX else [])
+    for d in (16, 40, 64, 80, 128, 256):
+        for seed in range(4):
+            q, k, _ = make_qkv(2, 3, 70, d, seed=seed, adversarial=bool(seed % 2))
+            for bits in (8, 4, 2):
+                for rot in (True, False):
+                    got = [_cpu.quantize_qk_debug(q, k, bits, True, rot, isa) for isa in paths]
+                    for isa, other in zip(paths[1:], got[1:]):
+                        for a, b, name in zip(got[0], other, ("q codes", "q scales", "k codes", "k scales")):
+                            assert torch.equal(a, b), f"{isa} vs avx2, d={d} seed={seed} qk{bits} rotate={rot}: {name}"
+
+
 @pytest.mark.skipif(not HAS_AMX, reason="the AMX tile kernels run only on CPUs with AMX-INT8 granted by the OS")
 def test_amx_kernels_are_active_and_equal_avx512_bit_for_bit():
     """The AMX kernels compute the same integers as the AVX-512 ones (signed tiles instead of

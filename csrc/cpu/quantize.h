@@ -381,6 +381,46 @@ inline __m256 to_grid_ps(__m256 y) {
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(RAAD_SIMDE_AVX512)
+// AVX-512 pieces of the row quantizer (AVX-512 and AMX TUs): the same operations lane for lane,
+// so the codes and scales are the AVX2 path's bits (the Hadamard transform's butterflies too).
+#define RAAD_HAVE_AVX512_QUANT 1
+
+template <int BITS>
+inline __m512 to_grid_ps512(__m512 y) {
+  static_assert(BITS != 2, "int2 uses the closed-form search");
+  const __m512 q = _mm512_set1_ps(qmax_<BITS>());
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_sub_ps(_mm512_setzero_ps(), q)), q);
+  return _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// Orthonormal FWHT for n >= 16 (power of two): stages 1, 2, 4, 8 inside each vector, then vector
+// butterflies; each output is the same sums and differences as fwht_avx2's, in the same order.
+inline void fwht_avx512(float* x, int n) {
+  for (int i = 0; i < n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    __m512 sw = _mm512_permute_ps(v, 0xB1);  // swap neighbours
+    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xAAAA, sw, v);
+    sw = _mm512_permute_ps(v, 0x4E);  // swap pairs
+    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xCCCC, sw, v);
+    sw = _mm512_shuffle_f32x4(v, v, 0xB1);  // swap 4-groups
+    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xF0F0, sw, v);
+    sw = _mm512_shuffle_f32x4(v, v, 0x4E);  // swap 8-groups
+    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xFF00, sw, v);
+    _mm512_storeu_ps(x + i, v);
+  }
+  for (int len = 16; len < n; len <<= 1)
+    for (int i = 0; i < n; i += 2 * len)
+      for (int j = i; j < i + len; j += 16) {
+        const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + len);
+        _mm512_storeu_ps(x + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(x + j + len, _mm512_sub_ps(a, b));
+      }
+  const __m512 s = _mm512_set1_ps(float(1.0 / __builtin_sqrt(double(n))));
+  for (int i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), s));
+}
+#endif
+
 // Squared errors of 3 candidate scales at once (independent accumulators: the search is bound by
 // the FMA latency otherwise). n a multiple of 8.
 template <int BITS>
@@ -388,7 +428,31 @@ inline void grid_errors3(const float* x, int n, const float* s, float* err) {
   __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0;
   const __m256 s0 = _mm256_set1_ps(s[0]), s1 = _mm256_set1_ps(s[1]), s2 = _mm256_set1_ps(s[2]);
   const __m256 i0 = _mm256_set1_ps(1.f / s[0]), i1 = _mm256_set1_ps(1.f / s[1]), i2 = _mm256_set1_ps(1.f / s[2]);
-  for (int i = 0; i < n; i += 8) {
+  int i = 0;
+#ifdef RAAD_HAVE_AVX512_QUANT
+  // 16 channels per step for the grid rounding; the squares are still accumulated 8 lanes at a
+  // time in the same order (low half, then high half), so the errors are the AVX2 loop's bits.
+  {
+    const __m512 z0 = _mm512_set1_ps(s[0]), z1 = _mm512_set1_ps(s[1]), z2 = _mm512_set1_ps(s[2]);
+    const __m512 j0 = _mm512_set1_ps(1.f / s[0]), j1 = _mm512_set1_ps(1.f / s[1]), j2 = _mm512_set1_ps(1.f / s[2]);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __m512 d0 = _mm512_fmsub_ps(to_grid_ps512<BITS>(_mm512_mul_ps(v, j0)), z0, v);
+      const __m512 d1 = _mm512_fmsub_ps(to_grid_ps512<BITS>(_mm512_mul_ps(v, j1)), z1, v);
+      const __m512 d2 = _mm512_fmsub_ps(to_grid_ps512<BITS>(_mm512_mul_ps(v, j2)), z2, v);
+      const __m256 a0 = _mm512_castps512_ps256(d0), a1 = _mm512_castps512_ps256(d1), a2 = _mm512_castps512_ps256(d2);
+      e0 = _mm256_fmadd_ps(a0, a0, e0);
+      e1 = _mm256_fmadd_ps(a1, a1, e1);
+      e2 = _mm256_fmadd_ps(a2, a2, e2);
+      const __m256 b0 = _mm512_extractf32x8_ps(d0, 1), b1 = _mm512_extractf32x8_ps(d1, 1),
+                   b2 = _mm512_extractf32x8_ps(d2, 1);
+      e0 = _mm256_fmadd_ps(b0, b0, e0);
+      e1 = _mm256_fmadd_ps(b1, b1, e1);
+      e2 = _mm256_fmadd_ps(b2, b2, e2);
+    }
+  }
+#endif
+  for (; i < n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     const __m256 d0 = _mm256_fmsub_ps(to_grid_ps<BITS>(_mm256_mul_ps(v, i0)), s0, v);
     const __m256 d1 = _mm256_fmsub_ps(to_grid_ps<BITS>(_mm256_mul_ps(v, i1)), s1, v);
@@ -468,7 +532,17 @@ inline float quantize_row_avx2(const float* x, int n, int8_t* codes) {
   }
   if (!(scale > 0.f)) scale = BITS == 2 ? 1.17549435e-38f : 1.f;
   const __m256 sv = _mm256_set1_ps(scale);
-  for (int i = 0; i < n; i += 8) {
+  int i0 = 0;
+#ifdef RAAD_HAVE_AVX512_QUANT
+  if constexpr (BITS != 2) {  // the same division and rounding, 16 lanes at a time
+    const __m512 zv = _mm512_set1_ps(scale);
+    for (; i0 + 16 <= n; i0 += 16) {
+      const __m512i c = _mm512_cvtps_epi32(to_grid_ps512<BITS>(_mm512_div_ps(_mm512_loadu_ps(x + i0), zv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i0), _mm512_cvtsepi32_epi8(c));
+    }
+  }
+#endif
+  for (int i = i0; i < n; i += 8) {
     const __m256i c = _mm256_cvtps_epi32(to_grid_ps<BITS>(_mm256_div_ps(_mm256_loadu_ps(x + i), sv)));
     const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(c, c), _mm256_setzero_si256());
     const __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
@@ -537,6 +611,10 @@ inline float prepare_qk_row(const View4& t, const Plan& p, int64_t b, int64_t h,
   }
   for (int c = int(p.D); c < p.dp; ++c) row[c] = 0.f;
   if (p.rotate) {
+#ifdef RAAD_HAVE_AVX512_QUANT
+    if (p.dp >= 16) fwht_avx512(row, p.dp);
+    else
+#endif
 #ifdef RAAD_HAVE_AVX2_QUANT
     if (p.dp >= 8) fwht_avx2(row, p.dp);
     else
