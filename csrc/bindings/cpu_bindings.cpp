@@ -182,11 +182,13 @@ py::tuple attention(const torch::Tensor& q, const torch::Tensor& k, const torch:
                      o.scalar_type());
     RAAD_CHECK_VALUE(o.sizes() == torch::IntArrayRef({a.B, a.H, a.Nq, a.Dv}), "out must have shape (B, H, Nq, Dv) = (",
                       a.B, ", ", a.H, ", ", a.Nq, ", ", a.Dv, "), got ", o.sizes());
-    RAAD_CHECK_VALUE(o.is_contiguous(), "out must be contiguous");
+    RAAD_CHECK_VALUE(o.stride(3) == 1 || a.Dv == 1, "out's channels (last dim) must be contiguous, got strides ",
+                     o.strides());
   } else {
     o = torch::empty({a.B, a.H, a.Nq, a.Dv}, q.options());
   }
   a.out = o.data_ptr();
+  for (int d = 0; d < 3; ++d) a.out_stride[d] = o.stride(d);
 
   const auto f32 = q.options().dtype(torch::kFloat);
   torch::Tensor cls, rec, ent;
@@ -380,7 +382,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention,
         "Fused quantized attention (see raad_kernels.cpu_backend). Returns (out, maps). `isa` forces a "
         "kernel path ('portable', 'avx2', 'avx512', 'amx'); default: raad active ISA (RAAD_CPU_ISA "
-        "honoured). `out`: optional preallocated contiguous output of q's dtype.",
+        "honoured). `out`: optional preallocated output of q's dtype, any strides with contiguous "
+        "channels (e.g. (B, Nq, H, Dv) memory seen as (B, H, Nq, Dv)).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("qk_bits") = 8, py::arg("pv_bits") = 8,
         py::arg("scale") = py::none(), py::arg("attn_mask") = py::none(), py::arg("smooth_k") = true,
         py::arg("rotate") = py::none(), py::arg("return_maps") = std::vector<std::string>{},

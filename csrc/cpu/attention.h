@@ -29,7 +29,8 @@ struct AttentionArgs {
   View4 q, k, v;
   View4 mask;              // data == nullptr: no mask; else (B, H, Nq, Nk) view, bool (true =
                            // attend) or float additive
-  void* out = nullptr;     // (B, H, Nq, Dv) contiguous, dtype of q
+  void* out = nullptr;     // (B, H, Nq, Dv), dtype of q, channels contiguous
+  int64_t out_stride[3] = {0, 0, 0};  // its (b, h, n) element strides; all 0: contiguous
   int64_t B = 0, H = 0, Nq = 0, Nk = 0, D = 0, Dv = 0;
   int qk_bits = 8, pv_bits = 8;
   float scale = 1.f;
