@@ -77,6 +77,10 @@ Plan make_plan(const AttentionArgs& a, const Kernels& K) {
   p.kq_stride = round_up(p.kplanes ? p.nkp * plane_bytes(p) : p.nkp * p.dpad * p.bits / 8, 64);
   p.v_stride = round_up(p.nkp * p.dvp, 64);
   p.cache_row = p.nkb * kKeyBlock;
+  const bool out_strided = a.out_stride[0] != 0 || a.out_stride[1] != 0 || a.out_stride[2] != 0;
+  p.out_sb = out_strided ? a.out_stride[0] : a.H * a.Nq * a.Dv;
+  p.out_sh = out_strided ? a.out_stride[1] : a.Nq * a.Dv;
+  p.out_sn = out_strided ? a.out_stride[2] : a.Dv;
 
   size_t off = 0;
   auto take = [&off](size_t bytes) {
@@ -363,19 +367,20 @@ std::string self_check(CpuIsa isa) {
   return "";
 }
 
+// Whether `isa`'s kernels passed the self-check (run once per process and ISA).
+bool passes_self_check(CpuIsa isa) {
+  static std::once_flag once[2];
+  static bool ok[2] = {true, true};
+  const int i = isa == CpuIsa::Amx ? 1 : 0;
+  std::call_once(once[i], [isa, i] { ok[i] = self_check(isa).empty(); });
+  return ok[i];
+}
+
 CpuIsa kernel_isa(CpuIsa isa) {
-  if (isa == CpuIsa::Amx) {
-    static std::once_flag once;
-    static bool ok = true;
-    std::call_once(once, [] { ok = self_check(CpuIsa::Amx).empty(); });
-    if (!ok) isa = CpuIsa::Avx512Vnni;
-  }
-  if (isa == CpuIsa::Avx512Vnni) {
-    static std::once_flag once;
-    static bool ok = true;
-    std::call_once(once, [] { ok = self_check(CpuIsa::Avx512Vnni).empty(); });
-    if (!ok) return CpuIsa::Avx2;
-  }
+  // a vector path that disagrees with the portable kernels falls back one step: AMX to AVX-512
+  // VNNI, AVX-512 VNNI to AVX2
+  if (isa == CpuIsa::Amx && !passes_self_check(isa)) isa = CpuIsa::Avx512Vnni;
+  if (isa == CpuIsa::Avx512Vnni && !passes_self_check(isa)) return CpuIsa::Avx2;
   return isa;
 }
 

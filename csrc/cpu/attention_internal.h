@@ -69,6 +69,7 @@ struct Plan {
   int64_t kq_stride;  // bytes of K codes per (b, h)
   int64_t v_stride;   // elements of V (bytes for int8 codes, floats for pv16) per (b, h)
   int64_t cache_row;  // elements per row of the probability cache (nkb * kKeyBlock)
+  int64_t out_sb, out_sh, out_sn;  // element strides of the output's (b, h, n) dims
   // per-thread scratch (byte offsets, 64-aligned)
   size_t off_qc, off_qa, off_rs, off_qsum, off_row, off_S, off_P, off_bias, off_outf, off_m,
       off_l, off_t, off_stamp, off_cache, off_kun, scratch_bytes;

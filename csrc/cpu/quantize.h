@@ -994,10 +994,7 @@ inline void finish_row(const AttentionArgs& a, const Plan& p, const Work& w, int
   } else {
     for (int64_t c = 0; c < p.Dv; ++c) tmp[c] = acc[c] * inv;
   }
-  const int64_t off = a.out_stride[0] == 0 && a.out_stride[1] == 0 && a.out_stride[2] == 0
-                          ? (bh * p.Nq + i) * p.Dv
-                          : (bh / p.H) * a.out_stride[0] + (bh % p.H) * a.out_stride[1] + i * a.out_stride[2];
-  store_row(a.out, a.q.dtype, off, tmp, p.Dv);
+  store_row(a.out, a.q.dtype, (bh / p.H) * p.out_sb + (bh % p.H) * p.out_sh + i * p.out_sn, tmp, p.Dv);
 }
 
 // Entropy (nats) from the online sums: l = Σ p, t = Σ p · (u - m) with u in log2 units.
