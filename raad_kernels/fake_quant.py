@@ -28,12 +28,39 @@ def ste(x: torch.Tensor, x_quantized: torch.Tensor) -> torch.Tensor:
     return x + (x_quantized - x).detach()
 
 
+def _cpu_row_quantizer():
+    """``raad_kernels._cpu.quantize_rows`` (the CPU kernels' Q/K quantizer), or None without
+    the extension."""
+    try:
+        from . import _cpu
+    except ImportError:
+        return None
+    return getattr(_cpu, "quantize_rows", None)
+
+
+_ROW_QUANTIZER = _cpu_row_quantizer()
+#: False: always the torch specification's scale search (the tests compare the two)
+USE_CPU_QUANTIZER = True
+
+
+def quantized_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantized–dequantized value of the rows (last dim) of float32 ``x``, without gradient.
+    On the CPU, with the extension built, from its row quantizer: the same scale search as
+    :func:`quant.token_scales` in one pass per row instead of ~7 tensor passes per clipping
+    candidate (4112 rows of 64 at int4: 0.35 ms against 15 ms); its scales equal the
+    specification's up to float rounding of the RMS (measured ≤ 3e-7 relative)."""
+    with torch.no_grad():
+        if (USE_CPU_QUANTIZER and _ROW_QUANTIZER is not None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and x.numel() > 0):
+            codes, scale = _ROW_QUANTIZER(x.reshape(-1, x.shape[-1]), bits)
+            return (codes.float() * scale[:, None]).view(x.shape)
+        scale = quant.token_scales(x, bits)[..., None]
+        return quant._round_to_grid(x / scale, bits) * scale
+
+
 def fake_quantize_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize–dequantize rows (last dim) of float32 ``x`` at ``bits`` with per-row scales."""
-    with torch.no_grad():
-        scale = quant.token_scales(x, bits)[..., None]
-        xq = quant._round_to_grid(x / scale, bits) * scale
-    return ste(x, xq)
+    return ste(x, quantized_rows(x, bits))
 
 
 def fake_quantize_v(v: torch.Tensor):

@@ -156,6 +156,51 @@ def test_vector_quantizers_give_the_same_bits():
                             assert torch.equal(a, b), f"{isa} vs avx2, d={d} seed={seed} qk{bits} rotate={rot}: {name}"
 
 
+def _row_cases():
+    """Rows a quantizer gets wrong first: outlier channels, heavy tails, all-zero and constant
+    rows, a single value, widths that are no multiple of the vector length."""
+    g = torch.Generator().manual_seed(11)
+    for n in (1, 7, 33, 64, 80, 128):
+        x = torch.randn(300, n, generator=g) * torch.rand(300, 1, generator=g) * 4
+        x[:, 0] *= 25.0                                          # an outlier channel
+        x[10:20] = torch.distributions.StudentT(1.5).sample((10, n))   # heavy tails
+        x[20] = 0.0
+        x[21] = 0.37
+        x[22, :] = 0.0
+        x[22, n // 2] = -3.0                                     # one non-zero value
+        yield n, x
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i in ("portable", "avx2", "avx512")])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_row_quantizer_is_the_specification(isa, bits):
+    """_cpu.quantize_rows (the training path's scale search): the codes are the specification's
+    at the returned scale; the scale is the specification's up to float rounding of the RMS, and
+    never a worse clipping choice than its pick."""
+    for n, x in _row_cases():
+        codes, scale = _cpu.quantize_rows(x, bits, isa)
+        ref = quant.token_scales(x, bits)
+        assert codes.dtype == torch.int8 and codes.shape == x.shape and scale.shape == (x.shape[0],)
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+        assert torch.equal(codes, quant.quantize(x, bits, scale)[0]), f"n={n}: codes are not x / scale on the grid"
+
+        def sq_err(s):
+            return (quant.dequantize(codes if s is scale else quant.quantize(x, bits, s)[0], s) - x).pow(2).sum(-1)
+        e, e_ref = sq_err(scale), sq_err(ref)
+        close = torch.isclose(scale, ref, rtol=2e-6, atol=0.0)
+        assert (close | (e <= e_ref * (1 + 1e-5) + 1e-30)).all(), f"n={n} int{bits}: a worse clip than the spec"
+        assert close.float().mean() > 0.99, f"n={n} int{bits}: scales differ from the spec in many rows"
+
+
+def test_row_quantizer_errors_name_the_problem():
+    with pytest.raises(TypeError, match="float32"):
+        _cpu.quantize_rows(torch.zeros(2, 8, dtype=torch.float64), 4)
+    with pytest.raises(ValueError, match="2-D"):
+        _cpu.quantize_rows(torch.zeros(2, 3, 8), 4)
+    with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
+        _cpu.quantize_rows(torch.zeros(2, 8), 3)
+
+
 @pytest.mark.skipif(not HAS_AMX, reason="the AMX tile kernels run only on CPUs with AMX-INT8 granted by the OS")
 def test_amx_kernels_are_active_and_equal_avx512_bit_for_bit():
     """The AMX kernels compute the same integers as the AVX-512 ones (signed tiles instead of

@@ -96,3 +96,22 @@ def test_low_precision_inputs_and_autocast(dtype):
     assert error(out, emu).cos > 0.999
     out.float().sum().backward()
     assert q.grad.dtype == dtype
+
+
+@pytest.mark.skipif(fake_quant._ROW_QUANTIZER is None, reason="needs the CPU extension's row quantizer")
+@pytest.mark.parametrize("qk_bits", [8, 4, 2])
+def test_cpu_row_quantizer_trains_like_the_specification(monkeypatch, qk_bits):
+    """The fast path (the CPU kernels' row quantizer) gives the specification's forward value and
+    gradients up to float rounding."""
+    q, k, v = make_qkv(2, 2, 57, 80, seed=qk_bits, adversarial=True)
+    g = torch.randn(2, 2, 57, 80, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(fake_quant, "USE_CPU_QUANTIZER", fast)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = rk.quant_attention(*inputs, qk_bits=qk_bits, pv_bits=8, backend="torch")
+        (out * g).sum().backward()
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        e = error(a, b)
+        assert e.rel_l2 < 1e-4, f"{name} at int{qk_bits}: fast path vs specification {e}"

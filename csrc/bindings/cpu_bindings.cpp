@@ -17,6 +17,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/linear_int8.h"
 #include "cpu/nearest.h"
+#include "cpu/quantize_rows.h"
 
 namespace {
 
@@ -227,6 +228,25 @@ py::tuple quantize_qk_debug(const torch::Tensor& q, const torch::Tensor& k, int6
 
 std::string self_check(const std::string& isa) { return rc::self_check(parse_isa(isa)); }
 
+// The kernels' Q/K row quantizer on its own (raad_kernels.fake_quant's scale search).
+py::tuple quantize_rows(const torch::Tensor& x, int64_t bits, std::optional<std::string> isa) {
+  RAAD_CHECK_VALUE(x.device().is_cpu(), "quantize_rows takes a CPU tensor, got x on ", x.device());
+  RAAD_CHECK_TYPE(x.scalar_type() == torch::kFloat, "quantize_rows: x must be float32, got ", x.scalar_type());
+  RAAD_CHECK_VALUE(x.dim() == 2, "quantize_rows: x must be 2-D (rows, n), got shape ", x.sizes());
+  RAAD_CHECK_VALUE(bits == 8 || bits == 4 || bits == 2, "quantize_rows: bits must be 8, 4 or 2, got ", bits);
+  const torch::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), n = xc.size(1);
+  RAAD_CHECK_VALUE(n >= 1 && n <= (int64_t{1} << 20), "quantize_rows: rows of 1 to 2^20 values, got ", n);
+  torch::Tensor codes = torch::empty({rows, n}, xc.options().dtype(torch::kInt8));
+  torch::Tensor scale = torch::empty({rows}, xc.options());
+  {
+    py::gil_scoped_release nogil;
+    rc::quantize_rows(xc.data_ptr<float>(), rows, n, int(bits), codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                      std::max(1, at::get_num_threads()), parse_isa(isa));
+  }
+  return py::make_tuple(codes, scale);
+}
+
 // W8A8 linear (raad_kernels.linear.int8_linear): activations quantized per row in one pass,
 // torch's integer GEMM (oneDNN, VNNI where the CPU has it), scales and bias in one pass.
 // the largest K for which an fp32 GEMM of int8 codes in [-127, 127] is exact (127^2 K < 2^24)
@@ -392,6 +412,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test hook: the kernels' Q/K codes and scales, decoded from their packed layout",
         py::arg("q"), py::arg("k"), py::arg("qk_bits") = 8, py::arg("smooth_k") = true, py::arg("rotate") = py::none(),
         py::arg("isa") = py::none());
+  m.def("quantize_rows", &quantize_rows,
+        "Per-row codes and scales of float32 rows (rows, n) at qk_bits 8/4/2, as the attention kernels "
+        "quantize Q and K (raad_kernels.quant.token_scales and quantize); -> (codes int8, scales float32)",
+        py::arg("x"), py::arg("bits"), py::arg("isa") = py::none());
   m.def("self_check", &self_check, "Compare an ISA path with the portable one on small problems ('' = agree)",
         py::arg("isa"));
   m.def("linear_int8", &linear_int8, "W8A8 linear: x float32 (M, K) contiguous, w_codes_t int8 (K, N), "
