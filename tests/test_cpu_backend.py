@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import raad_kernels as rk
@@ -84,9 +84,39 @@ def emulate(q, k, v, qk_bits=8, pv_bits=8, maps=(), mask=None, scale=None, **kw)
                                    return_maps=maps, **kw)
 
 
-def check_maps(got, emu, ref, what, qk_bits=8, floor=False):
-    """The shared map rule (testing.check_maps) plus closeness to the emulation's maps."""
+def picks_match_spec(q, k, bits, isa) -> bool:
+    """Whether the kernel's Q/K scales on `isa` are the specification's (quant.token_scales on
+    the smoothed, rotated rows). A row where they differ must be a tie: both scales' squared
+    errors equal up to float rounding (the kernels sum the errors in another order; the int2
+    search uses a closed form), else this fails. A tie picked the other way at 2-4 bits moves
+    every score of that key or query, so the maps can no longer match the emulation's closely."""
+    if bits == 8:
+        return True
+    ext, name = ext_isa(isa)
+    _, qs, _, ks = ext.quantize_qk_debug(q, k, bits, True, None, name)
+    qr, kr = quant.rotate(q.float()), quant.rotate(quant.smooth_k(k.float()))
+    same = True
+    for x, got in ((qr, qs), (kr, ks)):
+        spec = quant.token_scales(x, bits)
+        differ = ~torch.isclose(got, spec, rtol=1e-5, atol=0.0)
+        if differ.any():
+            same = False
+            rows, a, b = x[differ], got[differ][:, None], spec[differ][:, None]
+
+            def sq_err(s):
+                return (quant._round_to_grid(rows / s, bits) * s - rows).pow(2).sum(-1)
+            ea, eb = sq_err(a), sq_err(b)
+            assert torch.allclose(ea, eb, rtol=1e-5, atol=1e-30), \
+                f"{isa} int{bits}: a scale that is no tie with the spec's pick (errors {ea} vs {eb})"
+    return same
+
+
+def check_maps(got, emu, ref, what, qk_bits=8, floor=False, near_emulation=True):
+    """The shared map rule (testing.check_maps) plus, with ``near_emulation``, closeness to the
+    emulation's maps."""
     check_maps_rule(got, emu, ref, qk_bits, what=what, floor=floor)
+    if not near_emulation:
+        return
     for name in got:
         d_emu = error(got[name], emu[name]).rel_l2
         assert d_emu <= MAP_TOL, f"{what} {name}: rel_l2 {d_emu:.2e} against the emulation's map"
@@ -388,6 +418,8 @@ def test_maps(isa, qk_bits, pv_bits):
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        qk_bits=st.sampled_from([8, 4, 2]), pv_bits=st.sampled_from([8, 16]), with_maps=st.booleans(),
        isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+@example(b=1, h=3, nq=105, nk=312, d=16, dv=None, dtype=torch.float16, qk_bits=2, pv_bits=8, with_maps=True,
+         isa="portable", seed=363)   # a tie in the int2 clipping search, picked the other way
 def test_shapes_hypothesis(b, h, nq, nk, d, dv, dtype, qk_bits, pv_bits, with_maps, isa, seed):
     if b * h * nq * nk * d > 40_000_000:  # keep the float64 reference quick
         nq = max(1, nq // 4)
@@ -399,7 +431,9 @@ def test_shapes_hypothesis(b, h, nq, nk, d, dv, dtype, qk_bits, pv_bits, with_ma
     ref, rmaps = attention_reference(q, k, v, return_maps=maps)
     check_accuracy(out, emu, ref, qk_bits, what=f"cpu/{isa}", floor=False)
     if with_maps:
-        check_maps(got, emaps, rmaps, f"cpu/{isa}")
+        # a tie in the clipping search picked the other way (hypothesis found one: int2, D = 16,
+        # one key of 312) leaves the rule against float64, not closeness to the emulation
+        check_maps(got, emaps, rmaps, f"cpu/{isa}", near_emulation=picks_match_spec(q, k, qk_bits, isa))
 
 
 @pytest.mark.parametrize("isa", ISAS)
