@@ -50,8 +50,10 @@ def quantized_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
     candidate (4112 rows of 64 at int4: 0.35 ms against 15 ms); its scales equal the
     specification's up to float rounding of the RMS (measured ≤ 3e-7 relative)."""
     with torch.no_grad():
+        # not while torch.compile traces: the pybind call is opaque to Dynamo (a graph break),
+        # and the compiled graph fuses the specification's passes anyway
         if (USE_CPU_QUANTIZER and _ROW_QUANTIZER is not None and x.device.type == "cpu"
-                and x.dtype == torch.float32 and x.numel() > 0):
+                and x.dtype == torch.float32 and x.numel() > 0 and not torch.compiler.is_compiling()):
             codes, scale = _ROW_QUANTIZER(x.reshape(-1, x.shape[-1]), bits)
             return (codes.float() * scale[:, None]).view(x.shape)
         scale = quant.token_scales(x, bits)[..., None]
