@@ -84,6 +84,13 @@ def emulate(q, k, v, qk_bits=8, pv_bits=8, maps=(), mask=None, scale=None, **kw)
                                    return_maps=maps, **kw)
 
 
+def grid_sq_err(rows, scale, bits):
+    """Per-row squared error of quantizing ``rows`` at the per-row ``scale`` (the clipping
+    search's objective)."""
+    s = scale[:, None]
+    return (quant._round_to_grid(rows / s, bits) * s - rows).pow(2).sum(-1)
+
+
 def picks_match_spec(q, k, bits, isa) -> bool:
     """Whether the kernel's Q/K scales on `isa` are the specification's (quant.token_scales on
     the smoothed, rotated rows). A row where they differ must be a tie: both scales' squared
@@ -101,11 +108,8 @@ def picks_match_spec(q, k, bits, isa) -> bool:
         differ = ~torch.isclose(got, spec, rtol=1e-5, atol=0.0)
         if differ.any():
             same = False
-            rows, a, b = x[differ], got[differ][:, None], spec[differ][:, None]
-
-            def sq_err(s):
-                return (quant._round_to_grid(rows / s, bits) * s - rows).pow(2).sum(-1)
-            ea, eb = sq_err(a), sq_err(b)
+            rows = x[differ]
+            ea, eb = grid_sq_err(rows, got[differ], bits), grid_sq_err(rows, spec[differ], bits)
             assert torch.allclose(ea, eb, rtol=1e-5, atol=1e-30), \
                 f"{isa} int{bits}: a scale that is no tie with the spec's pick (errors {ea} vs {eb})"
     return same
@@ -213,10 +217,7 @@ def test_row_quantizer_is_the_specification(isa, bits):
         assert codes.dtype == torch.int8 and codes.shape == x.shape and scale.shape == (x.shape[0],)
         assert torch.isfinite(scale).all() and (scale > 0).all()
         assert torch.equal(codes, quant.quantize(x, bits, scale)[0]), f"n={n}: codes are not x / scale on the grid"
-
-        def sq_err(s):
-            return (quant.dequantize(codes if s is scale else quant.quantize(x, bits, s)[0], s) - x).pow(2).sum(-1)
-        e, e_ref = sq_err(scale), sq_err(ref)
+        e, e_ref = grid_sq_err(x, scale, bits), grid_sq_err(x, ref, bits)
         close = torch.isclose(scale, ref, rtol=2e-6, atol=0.0)
         assert (close | (e <= e_ref * (1 + 1e-5) + 1e-30)).all(), f"n={n} int{bits}: a worse clip than the spec"
         assert close.float().mean() > 0.99, f"n={n} int{bits}: scales differ from the spec in many rows"

@@ -9,8 +9,8 @@
 
 namespace raad::cpu {
 
-// codes[r, :] and scale[r] of row r of x (rows × n, contiguous) at `bits` (8, 4 or 2), with the
-// best of `isa` and what this CPU has.
+// codes[r, :] and scale[r] of row r of x (rows × n, contiguous) at `bits` (8, 4 or 2), on the
+// vector path the attention kernels use for `isa` (kernel_isa; `isa` within this CPU's).
 void quantize_rows(const float* x, int64_t rows, int64_t n, int bits, int8_t* codes, float* scale, int threads,
                    CpuIsa isa);
 
