@@ -457,8 +457,9 @@ class Detector(nn.Module):
         until then aligns nothing)."""
         if self.cfg.align != "on":
             return image, None
-        pose = P.estimate(image)
-        return P.align(image, pose), pose
+        bg = P.background(image)   # read once for both steps
+        pose = P.estimate(image, bg)
+        return P.align(image, pose, bg[0]), pose
 
     def forward(self, image, out_size=None, branch="both"):
         """Anomaly maps (B, H, W) at ``out_size`` (default: the input size), smoothed, in the
