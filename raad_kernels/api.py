@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -19,6 +21,28 @@ def _check_bits(name: str, value, allowed):
         raise TypeError(f"{name} must be an int, one of {allowed}; got {type(value).__name__}")
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value}")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_out(fn) -> bool:
+    """Whether a backend's ``attention`` writes into a caller's ``out`` (looked up once)."""
+    return "out" in inspect.signature(fn).parameters
+
+
+def _check_out(out, q, v, training: bool):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if training:
+        raise ValueError("out= is for inference: q, k or v requires grad (the training path returns a "
+                         "new tensor for autograd)")
+    want = (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape (B, H, Nq, Dv) = {want}, got {tuple(out.shape)}")
+    if out.dtype != q.dtype or out.device != q.device:
+        raise TypeError(f"out must have q's dtype and device ({q.dtype}, {q.device}), got "
+                        f"({out.dtype}, {out.device})")
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        raise ValueError(f"out's channels (last dim) must be contiguous, got strides {tuple(out.stride())}")
 
 
 def _check_qkv(q, k, v):
@@ -86,13 +110,18 @@ def _normalise_maps(return_maps) -> tuple[str, ...]:
 
 def quant_attention(q, k, v, qk_bits: int = 8, pv_bits: int = 8, scale: float | None = None,
                     attn_mask: torch.Tensor | None = None, smooth_k: bool = True,
-                    backend: str = "auto", return_maps=None, rotate: bool | None = None):
+                    backend: str = "auto", return_maps=None, rotate: bool | None = None,
+                    out: torch.Tensor | None = None):
     """Attention with Q·Kᵀ at ``qk_bits`` (2, 4, 8) and P·V at ``pv_bits`` (8, 16).
 
     ``q, k, v``: (B, H, N, D) as for SDPA; ``v`` may have its own head dim. ``attn_mask``: bool
     (True = attend) or additive float, broadcastable to (B, H, Nq, Nk). ``return_maps``: names
     from ``("cls", "received", "entropy")`` (or True for all) → returns ``(out, maps)``.
     ``rotate`` (None = on at 4/2 bits, off at 8) toggles the Hadamard rotation.
+    ``out``: optional (B, H, Nq, Dv) tensor of q's dtype and device to write the result into (any
+    strides with contiguous channels, e.g. SDPA's layout ``torch.empty(B, Nq, H, Dv).transpose(1,
+    2)``, whose ``out.transpose(1, 2).reshape(B, Nq, -1)`` is then a view); inference only. The
+    cpu, cuda and triton backends write into it directly, the torch backend's result is copied in.
     Rows whose keys are all masked come out as zeros.
     """
     _check_qkv(q, k, v)
@@ -112,8 +141,11 @@ def quant_attention(q, k, v, qk_bits: int = 8, pv_bits: int = 8, scale: float | 
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     maps = _normalise_maps(return_maps)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if out is not None:
+        _check_out(out, q, v, training)
 
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if training:
         # Training path: differentiable fake quantization of the same arithmetic (STE).
         from . import fake_quant
         out, got = fake_quant.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=float(scale),
@@ -122,7 +154,10 @@ def quant_attention(q, k, v, qk_bits: int = 8, pv_bits: int = 8, scale: float | 
         return (out, got) if maps else out
 
     impl = dispatch.select(backend, q.device)
-    out, got = impl.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=float(scale),
+    kw = {"out": out} if out is not None and _takes_out(impl.attention) else {}
+    res, got = impl.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=float(scale),
                               attn_mask=attn_mask, smooth_k=smooth_k, rotate=rotate,
-                              return_maps=maps)
-    return (out, got) if maps else out
+                              return_maps=maps, **kw)
+    if out is not None and res.data_ptr() != out.data_ptr():
+        res = out.copy_(res)
+    return (res, got) if maps else res

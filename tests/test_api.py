@@ -168,3 +168,46 @@ def test_bad_smooth_k_and_rotate():
         rk.quant_attention(*qkv(), smooth_k="yes")
     with pytest.raises(TypeError, match="rotate must be a bool or None"):
         rk.quant_attention(*qkv(), rotate=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_out_is_written_in_place_with_the_same_values(backend):
+    """``out=``: the result lands in the caller's tensor (here SDPA's (B, N, H, D) memory inside a
+    NaN-poisoned buffer with padding channels), equal to the default output, nothing else
+    written. The cpu kernel writes it directly; the torch backend's result is copied in."""
+    if not rk.backends()[backend].runnable:
+        pytest.skip(rk.backends()[backend].reason)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 19, 24, generator=g) for _ in range(3))
+    ref, ref_maps = rk.quant_attention(q, k, v, qk_bits=4, backend=backend, return_maps=True)
+    buf = torch.full((2, 19, 3, 32), float("nan"))
+    out = buf[..., :24].transpose(1, 2)
+    got, maps = rk.quant_attention(q, k, v, qk_bits=4, backend=backend, return_maps=True, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, ref)
+    assert torch.isnan(buf[..., 24:]).all()
+    assert all(torch.equal(maps[n], ref_maps[n]) for n in maps)
+
+
+def test_bad_out_is_refused():
+    q, k, v = qkv()
+    B, H, N, D = q.shape
+    with pytest.raises(ValueError, match=r"out must have shape \(B, H, Nq, Dv\)"):
+        rk.quant_attention(q, k, v, out=torch.empty(B, H, N, D + 1))
+    with pytest.raises(TypeError, match="out must have q's dtype"):
+        rk.quant_attention(q, k, v, out=torch.empty(B, H, N, D, dtype=torch.float16))
+    with pytest.raises(ValueError, match="channels .* must be contiguous"):
+        rk.quant_attention(q, k, v, out=torch.empty(B, H, D, N).transpose(2, 3))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        rk.quant_attention(q, k, v, out=[1.0])
+    with pytest.raises(ValueError, match="out= is for inference"):
+        rk.quant_attention(q.requires_grad_(), k, v, out=torch.empty(B, H, N, D))
+
+
+def test_the_op_returns_sdpa_layout_so_the_modules_reshape_is_a_view():
+    """``raad::quant_attention`` hands back (B, H, Nq, Dv) in (B, Nq, H, Dv) memory, as SDPA does
+    on the CPU, so ``o.transpose(1, 2).reshape(B, Nq, H·Dv)`` copies nothing."""
+    q, k, v = qkv()
+    o = torch.ops.raad.quant_attention(q, k, v, None, 4, 8, 0.125, True, None, "auto", False)[0]
+    flat = o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    assert flat.data_ptr() == o.data_ptr()
+    assert torch.equal(o, rk.quant_attention(q, k, v, qk_bits=4, scale=0.125))
