@@ -59,7 +59,8 @@ def cmd_bench(args):
         print(json.dumps(r))
     else:
         print(f"fp32 {r['fp32_images_per_s']:.2f} img/s, plan {r['plan_images_per_s']:.2f} img/s, "
-              f"speedup {r['speedup']:.2f}x ({r['threads']} threads, batch {r['batch']}, {r['images']})")
+              f"speedup {r['speedup']:.2f}x (rounds {r['speedup_p10_p90'][0]:.2f}-{r['speedup_p10_p90'][1]:.2f}x, "
+              f"10th-90th percentile; {r['threads']} threads, batch {r['batch']}, {r['images']})")
         if "attention_only_images_per_s" in r:
             print(f"  the plan's attention alone (linears float): {r['attention_only_images_per_s']:.2f} img/s, "
                   f"{r['attention_only_speedup']:.2f}x")

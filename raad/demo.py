@@ -95,7 +95,8 @@ def _table(cats, rows, speed) -> str:
         b = speed[c]
         part = (f" (its attention alone, linears float: {b['attention_only_speedup']:.2f}x)"
                 if "attention_only_speedup" in b else "")
-        lines.append(f"- {c}: plan {b['speedup']:.2f}x fp32 images/s{part}")
+        lo, hi = b["speedup_p10_p90"]
+        lines.append(f"- {c}: plan {b['speedup']:.2f}x fp32 images/s (rounds {lo:.2f}-{hi:.2f}x){part}")
     if any(speed[c].get("cpu_int8_dot") is False for c in cats):
         from .score import NO_INT8_DOT_NOTE
         lines.append(f"- note: {NO_INT8_DOT_NOTE}")

@@ -134,6 +134,7 @@ def test_bench_speedup_is_the_median_of_paired_rounds(fitted, monkeypatch):
     monkeypatch.setattr(S, "_warm_up", lambda variants, x: None)
     r = S.bench(run / "pcb", repeats=3, batch=2)
     assert r["speedup"] == 2.0                     # round ratios 2, 8, 2 (medians alone: 4 / 0.5 = 8)
+    assert r["speedup_p10_p90"] == [2.0, pytest.approx(6.8)]   # linear percentiles of 2, 2, 8
     assert r["attention_only_speedup"] == 1.0      # round ratios 1, 1, 1
     assert r["fp32_images_per_s"] == pytest.approx(2 / 4.0) and r["plan_images_per_s"] == pytest.approx(2 / 0.5)
 
