@@ -13,7 +13,11 @@ and colour map and swaps the fine representation for variants built from the sam
 Each variant's distances are quantile-normalised on the run's held-out normal images (as the
 built memory's are), combined with the colour map, averaged with the student map, smoothed as
 the detector smooths, and scored with ``raad.metrics`` (image AUROC, pixel AUROC, AU-PRO, per
-defect type). The ``b1`` line reproduces the detector's own figures.
+defect type). The ``b1`` line reproduces the detector's own figures on textures.
+
+Limits: every variant searches globally and the maps stay in the canonical pose, so the figures
+hold for runs with a global memory and no pose normalisation (the textures): a local memory's
+place channels (pcb) and a screw's turned-back maps are not reproduced here.
 
     python benchmarks/raad_memory_variants.py DEMO_OUT/run/stone DEMO_OUT/data/stone
 """
