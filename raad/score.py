@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,11 @@ def category_for(run: Path, data_dir, cat_dirs: dict, single_run: bool = True) -
     if name in cat_dirs:
         return cat_dirs[name]
     if len(cat_dirs) == 1 and single_run:
-        return next(iter(cat_dirs.values()))
+        only = next(iter(cat_dirs.values()))
+        warnings.warn(f"the run {run} was fitted on category {name!r}; scoring the one category folder "
+                      f"given, {only.name!r} ({only}): right for a new batch of the same product, "
+                      f"meaningless for another product", stacklevel=2)
+        return only
     raise D.DataError([(Path(data_dir), f"has no category {name!r} (the run {run} was fitted on it); "
                                         f"found: {sorted(cat_dirs)}")])
 

@@ -76,6 +76,22 @@ def test_score_writes_metrics_maps_and_overlays(fitted, tmp_path, precision):
     assert (m["plan"] is None) == (precision == "fp32")
 
 
+def test_scoring_a_folder_of_another_name_warns_and_scores_it(fitted, tmp_path):
+    """A single run scored on a data folder whose one category has another name (a new batch of
+    the same product, say) is scored, with a warning naming both: the name cannot tell a new
+    batch from another product."""
+    data, run = fitted
+    batch = tmp_path / "data2" / "pcb_batch2"
+    shutil.copytree(data / "pcb", batch)
+    out = tmp_path / "scores"
+    with pytest.warns(UserWarning, match="fitted on category 'pcb'.*'pcb_batch2'"):
+        assert main(["score", str(run), str(batch.parent), "--out", str(out), "--quiet"]) == 0
+    ref = tmp_path / "ref"
+    assert main(["score", str(run), str(data), "--out", str(ref), "--quiet"]) == 0
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
+    assert got["image_auroc"] == want["image_auroc"] and got["aupro"] == want["aupro"]
+
+
 def test_a_memory_run_saves_loads_and_scores(fitted, tmp_path):
     """``--memory auto`` resolves to a mode at fit time; the run folder records it, reloads to the
     same maps and scores."""
