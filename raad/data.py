@@ -535,8 +535,8 @@ def _check_targets(out_root: Path, names: Iterable[str], overwrite: bool) -> Non
         raise DataError(f"output folder is a file: {out_root}")
     existing = [n for n in names if (out_root / n).exists()]
     if existing and not overwrite:
-        raise DataError([(out_root / n, "already exists (pass overwrite=True to replace it)")
-                         for n in existing], root=out_root)
+        raise DataError([(out_root / n, "already exists (replace it with --overwrite, or "
+                                        "overwrite=True from Python)") for n in existing], root=out_root)
 
 
 def _install(tmp: Path, final: Path) -> None:
