@@ -64,6 +64,8 @@ def cmd_bench(args):
         if "attention_only_images_per_s" in r:
             print(f"  the plan's attention alone (linears float): {r['attention_only_images_per_s']:.2f} img/s, "
                   f"{r['attention_only_speedup']:.2f}x")
+        print("  where a batch's time goes (ms): " + "; ".join(
+            f"{k} " + ", ".join(f"{p} {v:.1f}" for p, v in d.items()) for k, d in r["parts_ms"].items()))
         if r["cpu_int8_dot"] is False:
             from .score import NO_INT8_DOT_NOTE
             print(f"  note: {NO_INT8_DOT_NOTE}")

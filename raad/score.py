@@ -126,10 +126,60 @@ def _warm_up(variants: dict, x):
         det(x)
 
 
-def _timed(det, x) -> float:
+def _sync(x: torch.Tensor) -> None:
+    """Wait for the GPU's queued work (its kernels run asynchronously; a CPU clock read after a
+    launch alone would time the launch)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _wall(det, x) -> float:
+    """Seconds of one forward of ``det`` on ``x``, queued GPU work included."""
+    _sync(x)
     t0 = time.perf_counter()
     det(x)
+    _sync(x)
     return time.perf_counter() - t0
+
+
+def _timed(det, x) -> float:   # the headline rounds' clock (tests replace it)
+    return _wall(det, x)
+
+
+#: the detector's modules whose time `raad bench` reports apart (forward hooks); the rest of a
+#: forward is the teacher, pose normalisation and the maps' combination, resizing and smoothing
+PARTS = {"student": "student", "autoencoder": "ae", "memory": "memory"}
+
+
+def _part_times(det, x, rounds: int) -> dict:
+    """Median seconds per forward of ``det`` on ``x`` in each of :data:`PARTS` (the ones it has),
+    and in the rest, over ``rounds`` forwards timed with forward hooks (kept apart from the
+    headline rounds, whose clock they would touch)."""
+    spent: dict = {}
+    hooks = []
+    for name, attr in PARTS.items():
+        mod = getattr(det, attr, None)
+        if mod is None:
+            continue
+
+        def start(m, args, name=name):
+            _sync(x)
+            spent[name] = spent.get(name, 0.0) - time.perf_counter()
+
+        def stop(m, args, out, name=name):
+            _sync(x)
+            spent[name] += time.perf_counter()
+        hooks += [mod.register_forward_pre_hook(start), mod.register_forward_hook(stop)]
+    rows = []
+    try:
+        for _ in range(rounds):
+            spent.clear()
+            total = _wall(det, x)
+            rows.append({**spent, "rest": total - sum(spent.values())})
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
 #: printed by `raad bench` and `raad demo` where the CPU has no int8 dot-product instruction
@@ -149,7 +199,9 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
     the same images (median of ``repeats`` batches each); ``speedup`` is the median over the
     rounds of fp32 time / plan time (each round times every variant once, back to back), and
-    ``speedup_p10_p90`` the 10th and 90th percentiles of those ratios. When
+    ``speedup_p10_p90`` the 10th and 90th percentiles of those ratios; ``parts_ms``: for fp32 and
+    the plan, the milliseconds per batch spent in the student, the autoencoder and the memory, and
+    in the rest (teacher, pose, the maps' post-processing), from separate rounds. When
     the plan also runs linears at int8, the plan's attention alone (linears and the memory's
     search float) is timed in the same loop, so the share of each part of the plan is visible
     (``attention_only_images_per_s``).
@@ -188,6 +240,7 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
         for _ in range(repeats):  # alternate, so drift in machine load hits all alike
             for k, det in variants.items():
                 times[k].append(_timed(det, x))
+        parts = {k: _part_times(variants[k], x, max(3, repeats // 3)) for k in ("fp32", "plan")}
     ips = {k: n / statistics.median(t) for k, t in times.items()}
 
     def ratios(k):  # per-round ratios of neighbouring runs: load that drifts cancels out
@@ -206,5 +259,6 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     out.update({"batch": n, "repeats": repeats, "device": device, "cpu_int8_dot": cpu_int8_dot(device),
                 "threads": torch.get_num_threads(), "image_size": size, "images": source,
                 "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()},
-                "plan_linears": plan.get("linears")})
+                "plan_linears": plan.get("linears"),
+                "parts_ms": {k: {p: round(1e3 * v, 3) for p, v in d.items()} for k, d in parts.items()}})
     return out

@@ -128,6 +128,11 @@ def test_bench_prints_one_json_line(fitted, capsys):
     r = json.loads(lines[0])
     assert r["fp32_images_per_s"] > 0 and r["plan_images_per_s"] > 0
     assert r["speedup"] > 0 and r["attention_only_speedup"] > 0
+    # where the time goes: the fitted pcb has a student, an autoencoder and a memory; the rest
+    # (teacher, maps) is what the forward took beyond them
+    for k in ("fp32", "plan"):
+        assert set(r["parts_ms"][k]) == {"student", "autoencoder", "memory", "rest"}
+        assert all(v > 0 for v in r["parts_ms"][k].values())
     # the plan has W8A8 linears: its attention alone is timed in the same loop
     assert r["plan_linears"] == {"bits": 8, "under": ["student.blocks"]}
     from raad_kernels._cpu import capabilities
@@ -151,6 +156,7 @@ def test_bench_speedup_is_the_median_of_paired_rounds(fitted, monkeypatch):
     r = S.bench(run / "pcb", repeats=3, batch=2)
     assert r["speedup"] == 2.0                     # round ratios 2, 8, 2 (medians alone: 4 / 0.5 = 8)
     assert r["speedup_p10_p90"] == [2.0, pytest.approx(6.8)]   # linear percentiles of 2, 2, 8
+    assert set(r["parts_ms"]) == {"fp32", "plan"}           # timed apart, on the real clock
     assert r["attention_only_speedup"] == 1.0      # round ratios 1, 1, 1
     assert r["fp32_images_per_s"] == pytest.approx(2 / 4.0) and r["plan_images_per_s"] == pytest.approx(2 / 0.5)
 
