@@ -29,6 +29,15 @@ def _takes_out(fn) -> bool:
     return "out" in inspect.signature(fn).parameters
 
 
+def _writes_into(impl, out) -> bool:
+    """Whether backend ``impl`` writes the result into ``out`` itself: the cpu and triton kernels
+    take any strides with contiguous channels, the cuda kernel (``OUT_CONTIGUOUS_ONLY``) a
+    contiguous tensor; otherwise the result is copied in."""
+    if out is None or not _takes_out(impl.attention):
+        return False
+    return out.is_contiguous() or not getattr(impl, "OUT_CONTIGUOUS_ONLY", False)
+
+
 def _check_out(out, q, v, training: bool):
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
@@ -154,7 +163,7 @@ def quant_attention(q, k, v, qk_bits: int = 8, pv_bits: int = 8, scale: float | 
         return (out, got) if maps else out
 
     impl = dispatch.select(backend, q.device)
-    kw = {"out": out} if out is not None and _takes_out(impl.attention) else {}
+    kw = {"out": out} if _writes_into(impl, out) else {}
     res, got = impl.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=float(scale),
                               attn_mask=attn_mask, smooth_k=smooth_k, rotate=rotate,
                               return_maps=maps, **kw)

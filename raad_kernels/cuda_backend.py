@@ -55,6 +55,11 @@ def supports(device: torch.device) -> bool:
     return _device_status(index)[0]
 
 
+#: the extension writes only into a contiguous ``out`` (csrc/bindings/cuda_bindings.cpp checks it);
+#: raad_kernels.quant_attention copies into any other
+OUT_CONTIGUOUS_ONLY = True
+
+
 def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None,
               smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None):
     """Quantized attention on validated (B, H, N, D) CUDA tensors → (out in q.dtype, maps).

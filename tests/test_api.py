@@ -211,3 +211,33 @@ def test_the_op_returns_sdpa_layout_so_the_modules_reshape_is_a_view():
     flat = o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
     assert flat.data_ptr() == o.data_ptr()
     assert torch.equal(o, rk.quant_attention(q, k, v, qk_bits=4, scale=0.125))
+
+
+def test_out_reaches_a_backend_only_in_the_layout_it_takes(monkeypatch):
+    """A backend that writes only into a contiguous ``out`` (the cuda one: OUT_CONTIGUOUS_ONLY)
+    gets a strided ``out`` (the op's SDPA layout) never: its result is copied in instead; a
+    contiguous ``out`` it gets. The stand-in backend is the torch backend's arithmetic behind the
+    cuda binding's check."""
+    from raad_kernels import torch_backend
+
+    class ContiguousOnly:
+        OUT_CONTIGUOUS_ONLY = True
+        seen = []
+
+        @staticmethod
+        def attention(q, k, v, out=None, **kw):
+            ContiguousOnly.seen.append(out)
+            if out is not None and not out.is_contiguous():
+                raise ValueError("out must be contiguous")   # as csrc/bindings/cuda_bindings.cpp
+            res, maps = torch_backend.attention(q, k, v, **kw)
+            return (res if out is None else out.copy_(res)), maps
+
+    q, k, v = qkv(b=2, h=3, n=11, d=8)
+    ref = rk.quant_attention(q, k, v, qk_bits=4, backend="torch")
+    monkeypatch.setattr(dispatch, "select", lambda backend, device: ContiguousOnly)
+    strided = torch.full((2, 11, 3, 8), float("nan")).transpose(1, 2)
+    assert torch.equal(rk.quant_attention(q, k, v, qk_bits=4, out=strided), ref)
+    contiguous = torch.full((2, 3, 11, 8), float("nan"))
+    assert torch.equal(rk.quant_attention(q, k, v, qk_bits=4, out=contiguous), ref)
+    assert len(ContiguousOnly.seen) == 2 and ContiguousOnly.seen[0] is None
+    assert ContiguousOnly.seen[1] is contiguous
