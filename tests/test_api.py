@@ -170,11 +170,12 @@ def test_bad_smooth_k_and_rotate():
         rk.quant_attention(*qkv(), rotate=1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_out_is_written_in_place_with_the_same_values(backend):
     """``out=``: the result lands in the caller's tensor (here SDPA's (B, N, H, D) memory inside a
     NaN-poisoned buffer with padding channels), equal to the default output, nothing else
-    written. The cpu kernel writes it directly; the torch backend's result is copied in."""
+    written. The cpu and triton kernels write it directly (triton through the interpreter on the
+    CPU here); the torch backend's result is copied in."""
     if not rk.backends()[backend].runnable:
         pytest.skip(rk.backends()[backend].reason)
     g = torch.Generator().manual_seed(3)
