@@ -35,27 +35,21 @@ from raad import metrics as MET
 from raad.checkpoint import load_run
 from raad.model import gaussian_blur
 from raad.train import Q_HIGH, Q_LOW, holdout_split, load_images
+from raad_feature_probe import pooled, representations   # beside this script in benchmarks/
 
 
-def teacher_blocks(teacher, images: torch.Tensor, upscale: int = 1, batch: int = 16) -> dict:
-    """{block index: (B, C, h, w)} for blocks 0-4 of ``teacher`` on ``images`` (upscaled first)."""
-    out: dict = {}
-    for x in images.split(batch):
-        if upscale != 1:
-            x = F.interpolate(x, scale_factor=upscale, mode="bilinear", align_corners=False)
-        h = teacher.act(teacher.bn0(teacher.conv_stem(x.contiguous(memory_format=torch.channels_last))))
-        for i, blk in enumerate(teacher.blocks[:5]):
-            h = blk(h)
-            out.setdefault(i, []).append(h.contiguous())
-    return {k: torch.cat(v) for k, v in out.items()}
+def teacher_blocks(teacher, images: torch.Tensor, upscale: int = 1) -> dict:
+    """{block index: (B, C, h, w)} for the teacher's blocks on ``images`` (upscaled first), from
+    the feature probe's :func:`representations`."""
+    if upscale != 1:
+        images = F.interpolate(images, scale_factor=upscale, mode="bilinear", align_corners=False)
+    return {int(k[5:]): v for k, v in representations(teacher, images).items() if k.startswith("block")}
 
 
 def memory_map(bank, held, test, size: int = 2048, pool: int = 1) -> torch.Tensor:
     """Nearest-neighbour distances of ``test`` cells to a greedy coreset of ``bank`` cells,
     standardised on the bank, 0 at the held-out Q_LOW quantile and 0.1 at Q_HIGH."""
-    if pool > 1:
-        bank, held, test = (F.avg_pool2d(z, pool, 1, pool // 2, count_include_pad=False)
-                            for z in (bank, held, test))
+    bank, held, test = (pooled(z, pool) for z in (bank, held, test))
     mu = bank.mean((0, 2, 3), keepdim=True)
     sd = bank.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
     cells = M._cells((bank - mu) / sd)

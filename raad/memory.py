@@ -167,12 +167,15 @@ class FeatureMemory(nn.Module):
         key = (bank.data_ptr(), bank._version, bank.device)
         cached = self._prepared.get((rep, int8))
         if cached is None or cached[0] != key:
-            shift = self._place_shift(bank) if int8 else None
-            layout = NN.prepare_bank_int8(bank - shift) if int8 else NN.prepare_bank(bank)
+            # the place channels centred (local mode only: a global memory has nothing to shift)
+            shift = self._place_shift(bank) if int8 and self.mode == "local" else None
+            shifted = bank if shift is None else bank - shift
+            layout = NN.prepare_bank_int8(shifted) if int8 else NN.prepare_bank(bank)
             cached = (key, layout, shift)
             self._prepared[(rep, int8)] = cached
         if int8:
-            return NN.nearest_sq_distance_int8(cells - cached[2], bank, cached[1])
+            shift = cached[2]
+            return NN.nearest_sq_distance_int8(cells if shift is None else cells - shift, bank, cached[1])
         return NN.nearest_sq_distance(cells, bank, cached[1])
 
     def _place_shift(self, bank: torch.Tensor) -> torch.Tensor:

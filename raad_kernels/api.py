@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Iterable
 
@@ -23,19 +21,12 @@ def _check_bits(name: str, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value}")
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_out(fn) -> bool:
-    """Whether a backend's ``attention`` writes into a caller's ``out`` (looked up once)."""
-    return "out" in inspect.signature(fn).parameters
-
-
 def _writes_into(impl, out) -> bool:
-    """Whether backend ``impl`` writes the result into ``out`` itself: the cpu and triton kernels
-    take any strides with contiguous channels, the cuda kernel (``OUT_CONTIGUOUS_ONLY``) a
-    contiguous tensor; otherwise the result is copied in."""
-    if out is None or not _takes_out(impl.attention):
-        return False
-    return out.is_contiguous() or not getattr(impl, "OUT_CONTIGUOUS_ONLY", False)
+    """Whether backend ``impl`` writes the result into ``out`` itself, by the layouts it declares
+    (``OUT``): "strided" (cpu, triton: any strides with contiguous channels) or "contiguous"
+    (cuda); a backend without ``OUT`` (torch) never does, and its result is copied in."""
+    layout = getattr(impl, "OUT", None)
+    return out is not None and (layout == "strided" or (layout == "contiguous" and out.is_contiguous()))
 
 
 def _check_out(out, q, v, training: bool):

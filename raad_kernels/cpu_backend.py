@@ -42,6 +42,10 @@ def supports(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
 
+#: the ``out`` layouts attention() writes into: any strides with contiguous channels
+OUT = "strided"
+
+
 def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None,
               smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None, isa=None):
     """Quantized attention on validated (B, H, N, D) CPU inputs → (out in q.dtype, maps).

@@ -55,9 +55,9 @@ def supports(device: torch.device) -> bool:
     return _device_status(index)[0]
 
 
-#: the extension writes only into a contiguous ``out`` (csrc/bindings/cuda_bindings.cpp checks it);
-#: raad_kernels.quant_attention copies into any other
-OUT_CONTIGUOUS_ONLY = True
+#: the ``out`` layouts attention() writes into: the extension takes only a contiguous one
+#: (csrc/bindings/cuda_bindings.cpp checks it); raad_kernels.quant_attention copies into any other
+OUT = "contiguous"
 
 
 def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None,

@@ -215,14 +215,14 @@ def test_the_op_returns_sdpa_layout_so_the_modules_reshape_is_a_view():
 
 
 def test_out_reaches_a_backend_only_in_the_layout_it_takes(monkeypatch):
-    """A backend that writes only into a contiguous ``out`` (the cuda one: OUT_CONTIGUOUS_ONLY)
+    """A backend that writes only into a contiguous ``out`` (the cuda one: OUT = "contiguous")
     gets a strided ``out`` (the op's SDPA layout) never: its result is copied in instead; a
     contiguous ``out`` it gets. The stand-in backend is the torch backend's arithmetic behind the
     cuda binding's check."""
     from raad_kernels import torch_backend
 
     class ContiguousOnly:
-        OUT_CONTIGUOUS_ONLY = True
+        OUT = "contiguous"
         seen = []
 
         @staticmethod

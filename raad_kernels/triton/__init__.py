@@ -39,6 +39,10 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+#: the ``out`` layouts attention() writes into: any strides (the kernel takes out's strides)
+OUT = "strided"
+
+
 def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None,
               smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None):
     """Quantized attention on validated (B, H, N, D) inputs → (out in q.dtype, maps).
