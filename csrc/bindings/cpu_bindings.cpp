@@ -15,6 +15,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
+#include "cpu/line_cells.h"
 #include "cpu/linear_int8.h"
 #include "cpu/nearest.h"
 #include "cpu/quantize_rows.h"
@@ -394,6 +395,27 @@ torch::Tensor nearest_sq_distance_i8(const torch::Tensor& q_u8, const torch::Ten
   return out;
 }
 
+void line_cells(const torch::Tensor& grey, const torch::Tensor& taps_x, const torch::Tensor& taps_y,
+                const torch::Tensor& steer, int64_t cell, int64_t pool, const torch::Tensor& out) {
+  for (const auto* t : {&grey, &taps_x, &taps_y, &steer, &out}) {
+    RAAD_CHECK_TYPE(t->scalar_type() == torch::kFloat, "line_cells takes float32 tensors, got ", t->scalar_type());
+    RAAD_CHECK_VALUE(t->device().is_cpu() && t->is_contiguous(), "line_cells takes contiguous CPU tensors");
+  }
+  RAAD_CHECK_VALUE(grey.dim() == 3, "grey must be (B, H, W), got ", grey.sizes());
+  const int64_t b = grey.size(0), h = grey.size(1), w = grey.size(2), k = taps_x.size(-1), o = steer.size(0);
+  RAAD_CHECK_VALUE(taps_x.dim() == 2 && taps_x.size(0) == 3 && taps_y.sizes() == taps_x.sizes() && k % 2 == 1,
+                   "taps_x and taps_y must be (3, K) with K odd, got ", taps_x.sizes(), " and ", taps_y.sizes());
+  RAAD_CHECK_VALUE(steer.dim() == 2 && steer.size(1) == 3, "steer must be (O, 3), got ", steer.sizes());
+  RAAD_CHECK_VALUE(cell >= 1 && pool >= 1 && pool % 2 == 1, "cell must be >= 1 and pool odd, got ", cell, " and ", pool);
+  RAAD_CHECK_VALUE(h % cell == 0 && w % cell == 0 && h > k / 2 && w > k / 2, "H and W must be multiples of cell (",
+                   cell, ") and larger than K / 2, got ", h, " x ", w);
+  RAAD_CHECK_VALUE(out.dim() == 4 && out.size(0) == b && out.size(1) == o && out.size(2) == h / cell &&
+                       out.size(3) == w / cell,
+                   "out must be (", b, ", ", o, ", ", h / cell, ", ", w / cell, "), got ", out.sizes());
+  rc::line_cells_f32(grey.data_ptr<float>(), b, h, w, taps_x.data_ptr<float>(), taps_y.data_ptr<float>(), k,
+                     steer.data_ptr<float>(), o, cell, pool, out.data_ptr<float>(), at::get_num_threads());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -429,5 +451,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nearest_sq_distance_i8", &nearest_sq_distance_i8, "The int8 search on AVX-512 VNNI (see "
         "raad_kernels.nearest.nearest_sq_distance_int8)", py::arg("q_u8"), py::arg("s_q"), py::arg("q_sq"),
         py::arg("bank_packed"), py::arg("col128"), py::arg("b_sq"), py::arg("s_b"));
+  m.def("line_cells", &line_cells, "Line cells of grey (B, H, W) into out (B, O, H/cell, W/cell): see "
+        "raad_kernels/lines.py", py::arg("grey"), py::arg("taps_x"), py::arg("taps_y"), py::arg("steer"),
+        py::arg("cell"), py::arg("pool"), py::arg("out"));
   m.def("avx512_status", &avx512_status, "Whether the AVX-512 kernels are in use, and their self-check result");
 }
