@@ -10,11 +10,12 @@ from pathlib import Path
 from .io import atomic_path, atomic_write_text
 
 RUN_FORMAT = "raad-run"
-RUN_VERSION = 7  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
+RUN_VERSION = 8  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
 #                 3: per-position autoencoder map normalisation (ae_pos); 4: student border ring (st_pos);
 #                 5: fine-feature memory (memory.*, config memory / memory_size / memory_radius);
 #                 6: pose normalisation (config align); 7: config autoencoder (on | off | auto)
-#                 replaces use_ae
+#                 replaces use_ae; 8: memory line cells (memory.lines_*), whitened colour
+#                 (memory.*_white replaces memory.*_std)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"

@@ -389,14 +389,15 @@ class Detector(nn.Module):
     def set_memory(self, mode: str, size: int) -> M.FeatureMemory:
         """Attach an (empty) memory of ``mode`` and bank ``size``; recorded in ``cfg``."""
         self.cfg.memory, self.cfg.memory_size = mode, int(size)
-        channels = {"fine": self.teacher.fine_channels, "colour": 3}
+        channels = {"fine": self.teacher.fine_channels, "colour": 3, "lines": M.LINE_ORIENTATIONS}
         self.memory = M.FeatureMemory(mode, size, channels, self.cfg.memory_place)
         return self.memory
 
     # -- pieces ------------------------------------------------------------------------------
     def teacher_features(self, image, memory: bool = False):
         """(student input, normalised targets) for an ImageNet-normalised image batch; with
-        ``memory``, also the memory's representations ``{"fine", "colour"}`` from the same pass."""
+        ``memory``, also the memory's representations ``{"fine", "colour", "lines"}`` from the same
+        pass."""
         with torch.no_grad():
             stem, fine = self.teacher.stem(image, fine=True) if memory else (self.teacher.stem(image), None)
             g = (image.shape[-2] // self.cfg.stride, image.shape[-1] // self.cfg.stride)

@@ -61,7 +61,12 @@ def test_local_sq_distance_matches_a_loop_over_the_window(h, w, r):
 
 
 def _feats(x):
-    return {"fine": x, "colour": x[:, :3]}
+    return {"fine": x, "colour": x[:, :3], "lines": x[:, 1:]}
+
+
+def _channels(c):
+    """The memory's channels for feature maps of ``c`` channels under :func:`_feats`."""
+    return {"fine": c, "colour": 3, "lines": c - 1}
 
 
 def _textured(n, g, h=12):
@@ -72,14 +77,15 @@ def _textured(n, g, h=12):
 def test_memory_calibrates_on_normals_and_flags_a_foreign_patch(mode):
     g = torch.Generator().manual_seed(1)
     bank, held, test = _textured(30, g), _textured(10, g), _textured(4, g)
-    mem = M.FeatureMemory(mode, 30 * 144, {"fine": 5, "colour": 3})
+    mem = M.FeatureMemory(mode, 30 * 144, _channels(5))
     mem.build(_feats(bank))
     mem.calibrate(_feats(held), 0.9, 0.995)
-    normal = mem(_feats(held))
-    # calibrated: the held-out maps sit at 0.1 at their q_high (interior and ring separately)
-    assert normal.shape == (10, 12, 12)
-    interior = normal[:, 1:-1, 1:-1].flatten()
-    assert abs(float(torch.quantile(interior, 0.995)) - 0.1) < 0.02
+    # calibrated: each held-out map sits at 0.1 at its q_high (interior and ring separately)
+    for normal in mem.maps(_feats(held)).values():
+        assert normal.shape == (10, 12, 12)
+        for part in (normal[:, 1:-1, 1:-1], normal[:, M._ring(normal)]):
+            assert abs(float(torch.quantile(part.flatten(), 0.995)) - 0.1) < 0.02
+    assert torch.equal(mem(_feats(held)), torch.stack(list(mem.maps(_feats(held)).values())).amax(0))
     test[1, :, 5:7, 5:7] += 6.0
     m = mem(_feats(test))
     assert m[1, 5:7, 5:7].min() > 3 * m[0].max()
@@ -89,14 +95,14 @@ def test_memory_calibrates_on_normals_and_flags_a_foreign_patch(mode):
 def test_global_memory_with_every_cell_finds_its_own_images_at_zero():
     g = torch.Generator().manual_seed(2)
     bank = _textured(3, g, h=5)
-    mem = M.FeatureMemory("global", 75, {"fine": 5, "colour": 3})   # every fine cell kept
+    mem = M.FeatureMemory("global", 75, _channels(5))   # every fine cell kept
     mem.build(_feats(bank))
     own = mem.distances(_feats(bank))["fine"]
     fresh = mem.distances(_feats(_textured(3, g, h=5)))["fine"]
     # float32 |q|^2 + |b|^2 - 2 q.b: zero up to rounding (1e-3 here), against O(1) for new cells
     assert own.max() < 0.01 * fresh.median()
     with pytest.raises(ValueError, match="75 cells"):
-        M.FeatureMemory("global", 76, {"fine": 5, "colour": 3}).build(_feats(bank))
+        M.FeatureMemory("global", 76, _channels(5)).build(_feats(bank))
 
 
 def test_layout_ratio_tells_a_fixed_layout_from_parts_anywhere():
@@ -124,14 +130,14 @@ def test_local_memory_charges_for_a_cell_found_elsewhere():
     bank = torch.randn(1, 4, 6, 6, generator=g)
     moved = torch.roll(bank, shifts=2, dims=-1)        # every column two cells to the right
     for place in (0.5, 2.0):
-        mem = M.FeatureMemory("local", 36, {"fine": 4, "colour": 3}, place=place)
+        mem = M.FeatureMemory("local", 36, _channels(4), place=place)
         mem.build(_feats(bank))
         at_home = mem.distances(_feats(bank))["fine"]
         away = mem.distances(_feats(moved))["fine"][0, :, 2:]   # columns that moved by 2
         assert at_home.max() < 1e-2
         # the nearest may be another cell closer by than the moved one: never farther than it
         assert (away <= 2 * place + 1e-3).all() and away.mean() > 0.5 * place
-    glob = M.FeatureMemory("global", 36, {"fine": 4, "colour": 3})
+    glob = M.FeatureMemory("global", 36, _channels(4))
     glob.build(_feats(bank))
     assert glob.distances(_feats(moved))["fine"].max() < 1e-2   # global: anywhere is fine
 
@@ -147,7 +153,7 @@ def test_bad_memory_settings_are_refused():
         warnings.simplefilter("ignore")
         assert Detector(ModelConfig(**vit, memory="auto")).memory is None  # the default: off there
     with pytest.raises(ValueError, match="once fitted"):
-        M.FeatureMemory("auto", 4, {"fine": 2, "colour": 3})
+        M.FeatureMemory("auto", 4, _channels(2))
 
 
 def test_memory_branch_and_combination_in_the_detector():
@@ -167,6 +173,7 @@ def test_memory_branch_and_combination_in_the_detector():
     build_memory(det, images, normals)
     assert det.cfg.memory == "global" and det.memory.fine_bank.shape == (150, 24)
     assert det.memory.colour_bank.shape == (150 // 8, 3)
+    assert det.memory.lines_bank.shape == (150, M.LINE_ORIENTATIONS)
     x = torch.randn(2, 3, 64, 64, generator=g)
     with torch.no_grad():
         st, ae, mem = det.raw_maps(x, memory=True)
@@ -208,7 +215,7 @@ def test_int8_search_is_close_to_the_float_search_in_both_modes(mode):
     g = torch.Generator().manual_seed(7)
     bank, test = _textured(12, g, h=32), _textured(3, g, h=32)
     test[:, :, 10:14, 10:14] += 3.0   # a foreign patch, far from every normal cell
-    mem = M.FeatureMemory(mode, 2048, {"fine": 5, "colour": 3})
+    mem = M.FeatureMemory(mode, 2048, _channels(5))
     mem.build(_feats(bank))
     exact = mem.distances(_feats(test))["fine"]
     mem.int8 = True
@@ -228,3 +235,65 @@ def test_int8_search_is_close_to_the_float_search_in_both_modes(mode):
         assert ((plain - exact).abs() / exact.clamp_min(1e-6)).median() > 2 * rel.median()
     else:
         assert not shift.any()
+
+
+def _texture_image(n, size, g):
+    """ImageNet-normalised images of smooth noise (a texture with no thin lines)."""
+    x = torch.randn(n, 3, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def test_line_cells_match_the_second_derivative_of_a_quadratic():
+    """On f = a·x² + b·x·y + c·y² the second derivative across direction θ (across: v = (−sin θ,
+    cos θ)) is 2a·sin²θ − 2b·sinθ·cosθ + 2c·cos²θ everywhere: the line cells are its magnitudes
+    over the 8 directions, sorted, in every interior cell."""
+    a, b, c = 0.003, -0.002, 0.0015
+    ax = torch.arange(64, dtype=torch.float64)
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    f = a * (xx - 30) ** 2 + b * (xx - 30) * (yy - 33) + c * (yy - 33) ** 2
+    std = torch.tensor(M.IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    image = f.expand(1, 3, 64, 64) / std          # its luminance (image × std, mean of RGB) is f
+    cells = M.line_cells(image)
+    th = torch.arange(M.LINE_ORIENTATIONS, dtype=torch.float64) * torch.pi / M.LINE_ORIENTATIONS
+    s_, c_ = torch.sin(th), torch.cos(th)
+    want = (2 * a * s_ ** 2 - 2 * b * s_ * c_ + 2 * c * c_ ** 2).abs().sort(descending=True).values
+    inner = cells[0, :, 2:-2, 2:-2]   # away from the reflected border
+    assert torch.allclose(inner, want.view(-1, 1, 1).expand_as(inner), rtol=1e-9, atol=1e-12)
+
+
+def test_line_cells_see_a_thin_line_at_any_angle_and_of_either_polarity():
+    g = torch.Generator().manual_seed(11)
+    base = 0.2 * _texture_image(1, 64, g)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    line = (((yy - 20) - 0.4 * (xx - 10)).abs() < 0.6).float()    # a 1-px line, slope 0.4
+    image = base - 1.5 * line
+    cells = M.line_cells(image)
+    assert cells.shape == (1, M.LINE_ORIENTATIONS, 16, 16)
+    assert (cells[:, :-1] >= cells[:, 1:]).all()   # sorted, largest first
+    on = torch.nn.functional.max_pool2d(line[None, None], 4)[0, 0] > 0
+    assert cells[0, 0][on].median() > 4 * cells[0, 0][~on].median()
+    # the same cells for the image turned by 90° (the directions map onto each other), and for
+    # a bright line instead of a dark one (the image negated)
+    turned = M.line_cells(torch.rot90(image, 1, (-2, -1)))
+    assert torch.allclose(turned, torch.rot90(cells, 1, (-2, -1)), atol=1e-5)
+    assert torch.allclose(M.line_cells(-image), cells, atol=1e-6)
+    # nothing on a constant or a linear ramp (away from the border, where the reflection folds it)
+    flat = torch.ones(1, 3, 64, 64) * 0.3 + 0.01 * xx
+    assert M.line_cells(flat)[..., 2:-2, 2:-2].abs().max() < 1e-6
+
+
+def test_whitening_gives_unit_covariance_and_floors_a_direction_that_never_varies():
+    g = torch.Generator().manual_seed(12)
+    mix = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.2, -0.3, 0.8]], dtype=torch.float64)
+    z = torch.randn(4, 3, 30, 30, generator=g, dtype=torch.float64)
+    x = torch.einsum("ij,bjhw->bihw", mix, z)
+    w = M.whitening(x)
+    assert torch.allclose(w, w.T)
+    cells = M._cells(x - x.mean((0, 2, 3), keepdim=True)) @ w
+    assert torch.allclose(torch.cov(cells.T), torch.eye(3, dtype=torch.float64), atol=1e-6)
+    # a copy of a channel leaves a direction with no variance: floored, not scaled without bound
+    dup = torch.cat([x, x[:, :1]], 1)
+    w = M.whitening(dup)
+    assert torch.isfinite(w).all()
+    top = torch.linalg.eigvalsh(torch.cov(M._cells(dup).T)).max()
+    assert torch.linalg.eigvalsh(w).max() <= (M.WHITEN_FLOOR * top).rsqrt() * (1 + 1e-6)
