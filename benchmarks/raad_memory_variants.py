@@ -1,8 +1,9 @@
 """Which fine features should the memory search? Variants scored inside a fitted detector.
 
 The detector's map is the mean of its student map and its memory's map (``raad.memory``: the
-larger of a block-1 map and a local-colour map). This script keeps a fitted run's student map
-and colour map and swaps the fine representation for variants built from the same teacher:
+largest of a block-1 map, a local-colour map and a line map). This script keeps a fitted run's
+student map, colour map and line map and swaps the fine representation for variants built from
+the same teacher:
 
 * ``b1`` (the built memory), ``b2``, ``b1+b2``, and 3×3-pooled versions (PatchCore's "locally
   aware" features);
@@ -10,8 +11,9 @@ and colour map and swaps the fine representation for variants built from the sam
 * ``x2 ...``: the teacher run on the image upsampled 2× (block 2 at stride 2, pooled to stride 4,
   and block 4 at stride 4), which sees thin cracks better and costs about 4× the teacher's time.
 
-Each variant's distances are quantile-normalised on the run's held-out normal images (as the
-built memory's are), combined with the colour map, averaged with the student map, smoothed as
+Each variant's distances (whitened cells, as the built memory's) are quantile-normalised on the
+run's held-out normal images, combined with the colour and line maps, averaged with the student
+map, smoothed as
 the detector smooths, and scored with ``raad.metrics`` (image AUROC, pixel AUROC, AU-PRO, per
 defect type). The ``b1`` line reproduces the detector's own figures on textures.
 
@@ -48,15 +50,15 @@ def teacher_blocks(teacher, images: torch.Tensor, upscale: int = 1) -> dict:
 
 def memory_map(bank, held, test, size: int = 2048, pool: int = 1) -> torch.Tensor:
     """Nearest-neighbour distances of ``test`` cells to a greedy coreset of ``bank`` cells,
-    standardised on the bank, 0 at the held-out Q_LOW quantile and 0.1 at Q_HIGH."""
+    whitened on the bank (raad.memory.whitening), 0 at the held-out Q_LOW quantile and 0.1 at
+    Q_HIGH."""
     bank, held, test = (pooled(z, pool) for z in (bank, held, test))
-    mu = bank.mean((0, 2, 3), keepdim=True)
-    sd = bank.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    cells = M._cells((bank - mu) / sd)
+    mu, white = bank.mean((0, 2, 3), keepdim=True), M.whitening(bank)
+    cells = M._cells(bank - mu) @ white
     coreset = cells[M.greedy_coreset(cells, min(size, len(cells)))]
 
     def dist(q):
-        c = M._cells((q - mu) / sd)
+        c = M._cells(q - mu) @ white
         d = torch.cat([torch.cdist(p, coreset).min(1).values for p in c.split(8192)])
         return d.view(q.shape[0], *q.shape[-2:])
     lo, hi = torch.quantile(dist(held).flatten(), torch.tensor([Q_LOW, Q_HIGH]))
@@ -94,6 +96,7 @@ def main(argv=None):
     st, ae = det.raw_maps(test)[:2]
     student = det.combine(st, ae, None)
     colour = memory_map(*(M.colour_cells(x) for x in (imgs, held, test)), size=256)
+    lines = memory_map(*(M.line_cells(x) for x in (imgs, held, test)))
     B, H, T = (teacher_blocks(det.teacher, x) for x in (imgs, held, test))
     B2, H2, T2 = (teacher_blocks(det.teacher, x, upscale=2) for x in (imgs, held, test))
     cat12 = lambda R: torch.cat([R[1], R[2]], 1)
@@ -112,9 +115,9 @@ def main(argv=None):
     report("student map alone", student)
     for name, make in variants.items():
         fine = make()
-        memory = torch.maximum(fine, resize(colour, fine))
-        report(name + " + colour", memory)
-        report(name + " + colour + student", 0.5 * (resize(student, memory) + memory))
+        memory = torch.stack([fine, resize(colour, fine), resize(lines, fine)]).amax(0)
+        report(name + " + colour + lines", memory)
+        report(name + " + colour + lines + student", 0.5 * (resize(student, memory) + memory))
 
 
 if __name__ == "__main__":

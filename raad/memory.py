@@ -163,13 +163,18 @@ def local_sq_distance(query: torch.Tensor, bank: torch.Tensor, radius: int) -> t
 
 class FeatureMemory(nn.Module):
     """The memory's state as buffers (saved with the detector): per representation its
-    standardisation, its bank of cells and its held-out quantiles. ``size``: the fine bank's
-    cells (the colour bank keeps an eighth: 3 channels need fewer), fixed when fitting (it sizes
-    the buffers to load). ``local``: each cell carries its place (row, column, in cells, times
-    ``place``), so a nearest cell elsewhere on the image costs ``place``² per cell of distance²:
-    the same search as ``global``, and a part that belongs elsewhere is far."""
+    whitening, its bank of cells and its held-out quantiles. ``size``: the fine bank's cells (the
+    colour bank keeps an eighth: 3 channels need fewer), fixed when fitting (it sizes the buffers
+    to load). ``local``: each fine and colour cell carries its place (row, column, in cells,
+    times ``place``), so a nearest cell elsewhere on the image costs ``place``² per cell of
+    distance²: the same search as ``global``, and a part that belongs elsewhere is far. Line
+    cells are searched anywhere in both modes: a crack or a scratch is one wherever it is, and a
+    part in the wrong place shows in the other two (and without place channels, which would set
+    its one int8 scale, the plan's line search can run at int8: 21 % median distance error with
+    them on pcb)."""
 
     REPS = ("fine", "colour", "lines")
+    PLACED = ("fine", "colour")   # the representations that carry their place in local mode
 
     def __init__(self, mode: str, size: int, channels: dict, place: float = 1.0):
         super().__init__()
@@ -181,9 +186,8 @@ class FeatureMemory(nn.Module):
         # the fine and line searches at int8 (the quantized plan sets it; raad_kernels.nearest)
         self.int8 = False
         self._prepared = {}   # (rep, int8) → (bank version, the kernel's layout of the bank)
-        extra = 2 if mode == "local" else 0
         for rep in self.REPS:
-            c = channels[rep]
+            c, extra = channels[rep], 2 if self._placed(rep) else 0
             self.register_buffer(f"{rep}_mean", torch.zeros(1, c, 1, 1))
             # (C, C): the whitening of the cells (build)
             self.register_buffer(f"{rep}_white", torch.eye(c))
@@ -191,10 +195,13 @@ class FeatureMemory(nn.Module):
             # (q_low, q_high) of the interior cells, then of the outer ring
             self.register_buffer(f"{rep}_q", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
 
+    def _placed(self, rep: str) -> bool:
+        return self.mode == "local" and rep in self.PLACED
+
     def _cells(self, rep: str, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) → (B·h·w, C[+2]): standardised, with the place in ``local`` mode."""
+        """(B, C, h, w) → (B·h·w, C[+2]): whitened, with the place where ``rep`` carries it."""
         z = _cells(x - getattr(self, f"{rep}_mean")) @ getattr(self, f"{rep}_white")
-        if self.mode == "global":
+        if not self._placed(rep):
             return z
         b, _, h, w = x.shape
         rows, cols = torch.meshgrid(torch.arange(h, dtype=z.dtype), torch.arange(w, dtype=z.dtype),
@@ -228,15 +235,13 @@ class FeatureMemory(nn.Module):
         """Squared distances of ``cells`` to the nearest of the bank's; the bank's kernel layout
         made once per bank (rebuilt when the bank changes: building, loading)."""
         bank = getattr(self, f"{rep}_bank")
-        # int8: the fine features, and the line features in global mode (3 colour channels are
-        # cheap in float and coarse in int8; so are the 8 line channels beside two place
-        # channels, whose ±15.5 set the bank's one scale: 21 % median distance error on pcb)
-        int8 = self.int8 and (rep == "fine" or (rep == "lines" and self.mode == "global"))
+        # int8: the fine and line features (3 colour channels are cheap in float and coarse in int8)
+        int8 = self.int8 and rep in ("fine", "lines")
         key = (bank.data_ptr(), bank._version, bank.device)
         cached = self._prepared.get((rep, int8))
         if cached is None or cached[0] != key:
-            # the place channels centred (local mode only: a global memory has nothing to shift)
-            shift = self._place_shift(bank) if int8 and self.mode == "local" else None
+            # the place channels centred (where there are any)
+            shift = self._place_shift(bank) if int8 and self._placed(rep) else None
             shifted = bank if shift is None else bank - shift
             layout = NN.prepare_bank_int8(shifted) if int8 else NN.prepare_bank(bank)
             cached = (key, layout, shift)

@@ -137,6 +137,9 @@ def test_local_memory_charges_for_a_cell_found_elsewhere():
         assert at_home.max() < 1e-2
         # the nearest may be another cell closer by than the moved one: never farther than it
         assert (away <= 2 * place + 1e-3).all() and away.mean() > 0.5 * place
+    # line cells are searched anywhere, in local mode too
+    assert mem.lines_bank.shape == (36, 3) and mem.fine_bank.shape == (36, 4 + 2)
+    assert mem.distances(_feats(moved))["lines"].max() < 1e-2
     glob = M.FeatureMemory("global", 36, _channels(4))
     glob.build(_feats(bank))
     assert glob.distances(_feats(moved))["fine"].max() < 1e-2   # global: anywhere is fine
