@@ -36,11 +36,11 @@ Where the nearest cell is looked for (``mode``):
 The search itself is :mod:`raad_kernels.nearest` (a CPU kernel that never writes the
 query × bank distance matrix; 3× torch's GEMM-then-min on a 2048-cell bank). Under the quantized
 plan the fine search runs at int8 (``int8``; 3.0× the float kernel on AVX-512 VNNI), and so does
-the line search of a global memory (2.9×). Median distance error against the float search on the
-demo's test images (whitened features): fine 0.3 % on stone, 0.7 % on the screw, 1.7 % on pcb
-(local, its place channels centred for the search; 1.0 % on the farthest 5 % of cells); lines
-1.7 % on stone, 3.7 % on the screw. The plan's image AUROC stayed within 0.003 of the float
-search's (pcb 0.980 against 0.983).
+the line search (2.9×). Median distance error against the float search on the demo's test
+images (whitened features): fine 0.3 % on stone, 0.7 % on the screw, 1.7 % on pcb (local, its
+place channels centred for the search; 1.0 % on the farthest 5 % of cells); lines 1.7 % on
+stone, 3.7 % on the screw, 3.0 % on pcb. The plan's image AUROC stayed within 0.002 of the
+float model's in the demo (pcb 0.992 against 0.994).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _line_filters():
     return torch.stack([g2, g0, g1]), torch.stack([g0, g2, g1]), torch.stack([s * s, c * c, -2 * c * s], 1)
 
 
-_LINE_FILTERS = {}   # dtype → the filters in it (made once)
+_LINE_FILTERS = {}   # (dtype, device) → the filters in it (made once)
 
 
 def line_cells(image: torch.Tensor) -> torch.Tensor:
