@@ -14,8 +14,8 @@ RUN_VERSION = 8  # 2: stride-8 student, block-4 targets, normalised stem input (
 #                 3: per-position autoencoder map normalisation (ae_pos); 4: student border ring (st_pos);
 #                 5: fine-feature memory (memory.*, config memory / memory_size / memory_radius);
 #                 6: pose normalisation (config align); 7: config autoencoder (on | off | auto)
-#                 replaces use_ae; 8: memory line cells (memory.lines_*), whitened colour
-#                 (memory.*_white replaces memory.*_std)
+#                 replaces use_ae; 8: memory line cells (memory.lines_*, searched without place
+#                 channels), every representation whitened (memory.*_white replaces memory.*_std)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"

@@ -255,8 +255,8 @@ class FeatureMemory(nn.Module):
         """(C,): what the int8 search subtracts from bank and query cells alike (distances are
         unchanged): in ``local`` mode the middle of the place channels' range, so the places
         (0..31 cells at 128 px) reach ±15.5 instead of 31 and the one int8 scale the bank
-        shares across channels stays near the standardised features' (absmax 8.4 on the
-        synthetic pcb); nothing in ``global`` mode."""
+        shares across channels stays near the whitened features' (absmax 13.6 on the
+        demo's pcb); nothing in ``global`` mode."""
         shift = torch.zeros(bank.shape[1], dtype=bank.dtype, device=bank.device)
         if self.mode == "local":
             place = bank[:, -2:]

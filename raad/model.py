@@ -81,7 +81,7 @@ class ModelConfig:
     smooth_sigma: float = 2.0  # Gaussian smoothing of the upsampled map, in image pixels
     memory: str = "auto"     # fine-feature memory (raad.memory): off | global | local | auto
     memory_size: int = 2048  # fine cells kept (greedy coreset; capped when fitting)
-    memory_place: float = 1.0  # local: distance per cell of displacement (standardised units)
+    memory_place: float = 1.0  # local: distance per cell of displacement (whitened units)
     memory_radius: int = 2   # auto: the window, in stride-4 cells, of the fixed-layout test
     align: str = "auto"      # pose normalisation (raad.pose): off | on | auto (fitting decides)
 

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <vector>
+#include <memory>
 
 #include "cpu/clones.h"
 
@@ -45,11 +45,12 @@ RAAD_CLONES void line_cells_f32(const float* grey, int64_t batch, int64_t h, int
   // magnitudes summed over a cell's rows, the cell sums, their sums along x and one cell's profile
   const int64_t per = (w + 2 * r) + 3 * hp * w + 3 * w + o * w + 2 * o * ch * cw + o;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, batch)));
-  std::vector<float> scratch(static_cast<size_t>(per) * static_cast<size_t>(nt));
+  // not zero-filled: every part is written before it is read
+  const std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(per) * static_cast<size_t>(nt)]);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
     const float* img = grey + b * h * w;
-    float* const row = scratch.data() + per * omp_get_thread_num();
+    float* const row = scratch.get() + per * omp_get_thread_num();
     float *const fx = row + w + 2 * r, *const f = fx + 3 * hp * w, *const v = f + 3 * w, *const sums = v + o * w,
                  *const across_x = sums + o * ch * cw, *const prof = across_x + o * ch * cw;
     // 1a. along x, every row of the image reflected in y
