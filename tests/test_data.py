@@ -1,4 +1,5 @@
-"""raad.data (MVTec layout, validation, loading, VisA conversion, synthetic data) and raad.io."""
+"""raad.data: the MVTec layout, validation and loading (raad.dataset), VisA conversion (raad.visa),
+synthetic data (raad.synthetic); and raad.io."""
 
 import csv
 import json
