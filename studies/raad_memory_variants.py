@@ -21,7 +21,7 @@ Limits: every variant searches globally and the maps stay in the canonical pose,
 hold for runs with a global memory and no pose normalisation (the textures): a local memory's
 place channels (pcb) and a screw's turned-back maps are not reproduced here.
 
-    python benchmarks/raad_memory_variants.py DEMO_OUT/run/stone DEMO_OUT/data/stone
+    python studies/raad_memory_variants.py DEMO_OUT/run/stone DEMO_OUT/data/stone
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from raad import metrics as MET
 from raad.checkpoint import load_run
 from raad.model import gaussian_blur
 from raad.train import Q_HIGH, Q_LOW, holdout_split, load_images
-from raad_feature_probe import pooled, representations   # beside this script in benchmarks/
+from raad_feature_probe import pooled, representations   # beside this script in studies/
 
 
 def teacher_blocks(teacher, images: torch.Tensor, upscale: int = 1) -> dict:

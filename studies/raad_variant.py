@@ -3,7 +3,7 @@
 The experiments behind the README's "tried" list: every figure there that names a setting was
 measured with this script on a `raad make-data` category, e.g.
 
-    python benchmarks/raad_variant.py demo_out/data/weave lr=1e-3 steps=150 --seed 1
+    python studies/raad_variant.py demo_out/data/weave lr=1e-3 steps=150 --seed 1
 
 ``key=value`` pairs set ModelConfig or FitOptions fields (Python literals: ``target_blocks=(3,4)``).
 Prints one JSON line: fit seconds and, for the student map, the autoencoder map and both

@@ -6,7 +6,7 @@ standardised; the bank subsampled to --bank cells), the image by its highest int
 image AUROC per defect type says how well that representation separates the defect from normal
 images with no student at all: an upper-bound check before choosing target blocks.
 
-    python benchmarks/raad_feature_probe.py demo_out/data/weave
+    python studies/raad_feature_probe.py demo_out/data/weave
 
 Prints one line per representation (and 3x3-pooled variant): channels, grid, image AUROC overall
 and per defect type.
@@ -17,7 +17,7 @@ distances are quantile-normalised on the images it holds out (as the detector's 
 block 1 (stride 4), the 3x3-pooled 4x4 mean colour and their maximum are scored; with ``--maps``
 (the ``maps.npz`` of ``raad score``) also their mean and maximum with the detector's map:
 
-    python benchmarks/raad_feature_probe.py demo_out/data/weave --memory \
+    python studies/raad_feature_probe.py demo_out/data/weave --memory \
         --maps demo_out/scores_plan/weave/maps.npz
 
 The memory this probe argued for is built (``raad/memory.py``, ``--memory``). The probe scores

@@ -9,7 +9,7 @@ on the category's test set with ``raad.score.evaluate`` (float search):
 * ``standardised``: every representation scaled per channel instead of whitened;
 * ``no lines, standardised``: the memory before 2026-12-05.
 
-    python benchmarks/raad_memory_reps.py RUN/CATEGORY DATA/CATEGORY
+    python studies/raad_memory_reps.py RUN/CATEGORY DATA/CATEGORY
 
 prints one line per variant: image AUROC, pixel AUROC, AU-PRO, then image AUROC / AU-PRO per
 defect type. README "Results" quotes it for stone and weave.

@@ -5,7 +5,7 @@ AUROC on CutPaste defects (raad.hqs.synthetic_anomalies, seeds 0 and 1) pasted i
 normals, then image AUROC / pixel AUROC / AU-PRO on the real test set, and the map without the
 autoencoder ("no_ae"). The README's "tried" list quotes it:
 
-    python benchmarks/raad_branch_check.py DEMO_OUT/data/stone
+    python studies/raad_branch_check.py DEMO_OUT/data/stone
 """
 import json
 import sys
