@@ -15,7 +15,7 @@ Three levels:
    measured damage at 8 bits is below the Q·Kᵀ noise at int8; ``pv_bits`` stays in the plan so
    a layer can be lifted to 16).
 
-The plan file (DESIGN.md) records each layer's bits and score (its share of the total weighted
+The plan file (docs/design.md, "Plan file") records each layer's bits and score (its share of the total weighted
 damage at 2 bits).
 """
 
@@ -191,7 +191,7 @@ def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int
 
 
 def make_plan(scores: list[LayerScore], avg_bits: float, pv_bits: int = 8) -> dict:
-    """The plan file (DESIGN.md format) for these scores under the budget."""
+    """The plan file (docs/design.md, "Plan file") for these scores under the budget."""
     avg_bits = check_avg_bits(avg_bits)
     if avg_bits == FLOAT_BITS:
         layers = {s.name: {"qk_bits": FLOAT_BITS, "pv_bits": FLOAT_BITS, "score": round(s.score, 6)}

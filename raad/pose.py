@@ -63,8 +63,8 @@ def _border(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def _colour_distance(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     """(B, ...): the Euclidean distance of each pixel of ``x`` (B, C, ...) from ``colour``
-    (B, C), summed channel by channel: torch's ``norm(dim=1)`` took 22 ms for 8 images at 128 px
-    on a 2-vCPU EPYC (Zen 4), this 0.2 ms."""
+    (B, C), summed channel by channel (two orders of magnitude faster on a CPU than torch's
+    ``norm(dim=1)`` over the channels)."""
     shape = (-1,) + (1,) * (x.dim() - 2)
     d2 = sum((x[:, c] - colour[:, c].view(shape)).square() for c in range(x.shape[1]))
     return d2.sqrt()
@@ -72,8 +72,8 @@ def _colour_distance(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
 
 def _row_quantile(v: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(v, q, dim=1)`` (linear interpolation between the two order statistics
-    around it), from two ``kthvalue`` selections: 0.08 ms instead of 2.9 for 8 borders of
-    128 px images."""
+    around it), from two ``kthvalue`` selections, which is far cheaper than ``torch.quantile``'s
+    sort."""
     pos = q * (v.shape[1] - 1)
     lo = int(math.floor(pos))
     hi = min(lo + 1, v.shape[1] - 1)

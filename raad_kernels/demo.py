@@ -1,6 +1,6 @@
 """A small quant_attention on each available backend, with its accuracy against float64.
 
-``python -m raad_kernels.demo`` (``make demo``) until the RAAD demo takes over.
+``python -m raad_kernels.demo`` (``make kernel-demo``).
 """
 
 from __future__ import annotations

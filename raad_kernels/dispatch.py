@@ -19,10 +19,9 @@ _MODULES = {
     "cpu": "raad_kernels.cpu_backend",
     "torch": "raad_kernels.torch_backend",
 }
-#: ``auto`` picks CUDA on a GPU only after its GPU tests passed on a real GPU (issue 4). Until a
-#: recorded run flips this, ``auto`` on a GPU uses Triton. First GPU run: H200, 2026-11-28
-#: (benchmarks/results/gpu_check_2026-11-28_h200.md): sanitizers clean, outputs within the rule,
-#: but 124 GPU tests failed on test bugs fixed afterwards, so not flipped until a clean re-run.
+#: ``auto`` picks CUDA on a GPU only after its GPU tests have passed on a real GPU. Until a
+#: recorded run flips this, ``auto`` on a GPU uses Triton. The one GPU run so far found test bugs
+#: (fixed since, not yet re-run on a GPU; docs/history/kernels.md, "GPU speed").
 CUDA_VERIFIED_ON_GPU = False
 
 

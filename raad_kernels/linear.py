@@ -59,7 +59,8 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[1]
     if a.device.type == "cpu" and not _cpu_int_gemm_pays() and k <= _EXACT_FLOAT_K:
-        # as the fused kernel: without VNNI, _int_mm is 30x an fp32 GEMM; this is exact
+        # as the fused kernel: without VNNI, _int_mm falls back to a path far slower than an
+        # fp32 GEMM; this is exact
         return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int32)
     if _int_mm_ok(a.device) and k > 1 and (a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0)):
         return torch._int_mm(a, b)

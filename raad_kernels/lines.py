@@ -11,9 +11,9 @@ The arithmetic, as :func:`line_cells_reference` specifies it in torch, for a gre
 3. its mean over each ``cell``×``cell`` block, then over the ``pool``×``pool`` blocks around it
    that lie inside the image; the O values of each block sorted, largest first.
 
-Through torch that is five passes over full-resolution maps (about 4.5 ms for 8 images of
-128×128 on 2 Zen 4 cores); the CPU extension's kernel makes one pass per image and keeps only
-the rows it needs (``RAAD_LINES_FUSED=0`` forces the torch path, for comparisons).
+Through torch that is five passes over full-resolution maps; the CPU extension's kernel makes
+one pass per image and keeps only the rows it needs (``RAAD_LINES_FUSED=0`` forces the torch
+path, for comparisons).
 """
 
 from __future__ import annotations

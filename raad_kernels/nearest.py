@@ -26,8 +26,8 @@ _COLS = 64  # the kernel takes the bank in blocks of 64 rows (csrc/cpu/nearest.h
 
 
 def nearest_sq_distance_reference(query: torch.Tensor, bank: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """The torch specification, in chunks of ``chunk`` query rows (the (chunk, N) block stays in
-    cache: 4096 rows at once were 4× slower)."""
+    """The torch specification, in chunks of ``chunk`` query rows, so the (chunk, N) block of
+    distances stays in cache."""
     b_sq = bank.pow(2).sum(1)
     bank_t = bank.T.contiguous()
     out = torch.empty(len(query), dtype=query.dtype, device=query.device)
@@ -75,7 +75,8 @@ def nearest_sq_distance(query: torch.Tensor, bank: torch.Tensor, prepared=None) 
 # tensor (symmetric, s_b = max|b| / 127), each query per row (s_q = max|q| / 127), rounding half
 # to even; the squared norms stay float: min_j (|b_j|² − 2 s_q s_b · q8·b8_j) + |q|², at 0 or
 # above. Both scales are shared across channels, so the channels must have comparable ranges
-# (raad's memory standardises them; one channel 20× the others: distances 14 % off, median).
+# (raad's memory whitens them first; one channel far wider than the others costs the rest their
+# resolution).
 # The quantizer is the W8A8 linears' (raad_kernels.linear.quantize_rows_int8). On AVX-512 VNNI
 # the CPU kernel runs it (vpdpbusd: the query shifted by +128 to unsigned, the shift's share
 # 128·Σ_c b8_jc taken back); elsewhere the specification in float32 (_int8_search_float32).
@@ -120,8 +121,8 @@ def nearest_sq_distance_int8_reference(query: torch.Tensor, prepared: dict) -> t
 
 def _int8_search_float32(query: torch.Tensor, prepared: dict, chunk: int = 512) -> torch.Tensor:
     """The int8 search without the VNNI kernel: the specification in float32, in row chunks that
-    stay in cache (the float64 specification took 17x the fp32 kernel's time on an 8192 x 2048
-    search on an AVX2 CPU; this, the fp32 kernel's time).
+    stay in cache (the float64 specification is an order of magnitude slower; this runs at the
+    fp32 kernel's speed).
     Each query row's codes are scaled by its -2 s_q s_b before one float32 GEMM that also adds the
     bank's norms: the products round once more than the kernel's exact integer sums (relative
     2^-24 each), far below the int8 codes' own error."""

@@ -1,4 +1,4 @@
-"""Bit plans: which attention module runs at which bits (DESIGN.md, "Plan file").
+"""Bit plans: which attention module runs at which bits (docs/design.md, "Plan file").
 
 File format, version 1::
 

@@ -1,4 +1,4 @@
-"""Quantization core: the arithmetic every backend implements (DESIGN.md, "Quantization scheme").
+"""Quantization core: the arithmetic every backend implements (docs/design.md, "Quantization scheme").
 
 Conventions, shared by all backends:
 

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: DESIGN.md's quantized attention written plainly in PyTorch.
+"""The ``torch`` backend: the quantized attention of docs/design.md written plainly in PyTorch.
 
 This is the executable specification. Every fast backend is tested against it, so it favours
 clarity over speed: integer products are done as exact float32 matmuls (|Σ| < 2**24 for head

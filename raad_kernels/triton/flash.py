@@ -30,10 +30,10 @@ of ``BLOCK_N`` (online softmax in base 2: ``scale · log2(e)`` is folded into th
   ``α (E + (m_old - m_new) l)`` when the max moves), so ``H = ln l - ln2 · E / l`` (+2 registers).
 * ``cls`` and ``received``: a second kernel (:func:`_attn_colmaps_kernel`), one program per
   key block, from the log-sum-exp the first pass saves (O(B·H·N) extra memory): cls from one
-  16-query tile, received streaming over all query blocks. (cls was first written inside the
-  main pass by the program owning query 0; that cost every program ~60 registers — the kernel
-  is compiled once for all of them — and pushed D = 128 into register spills, while the tile
-  here costs one small dot per key block.)
+  16-query tile, received streaming over all query blocks. (cls inside the main pass, by the
+  program owning query 0, would cost every program the registers — the kernel is compiled once
+  for all of them — and push D = 128 into spills; the tile here costs one small dot per key
+  block.)
 """
 
 from __future__ import annotations
