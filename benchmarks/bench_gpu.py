@@ -2,7 +2,7 @@
 """GPU speed and accuracy table: raad-kernels' cuda and triton backends against SDPA (flash)
 fp16/bf16 and, when importable, SageAttention 1.0.6. Run by benchmarks/gpu_check.sh.
 
-Protocol (DESIGN.md): every method is timed in the same loop on the same inputs (interleaved,
+Protocol (docs/design.md, "Performance protocol"): every method is timed in the same loop on the same inputs (interleaved,
 one sample per method per round), median of >= 10 timed samples after warm-up, inputs rotated
 through several copies when they would sit in L2, torch.cuda.Event timing. Accuracy per row:
 cosine and relative L2 of the output against float64 attention on the same inputs.
@@ -35,7 +35,7 @@ import raad_kernels as rk  # noqa: E402
 from raad_kernels.reference import attention_reference  # noqa: E402
 from raad_kernels.testing import error  # noqa: E402
 
-# DESIGN.md's shapes (ViT-S/16 at 224 and 448 px, patch-8 at 256 px, N=4097) and N=16385.
+# The shapes of docs/design.md (ViT-S/16 at 224 and 448 px, patch-8 at 256 px, N=4097) and N=16385.
 SHAPES = [(8, 6, 197), (4, 6, 785), (1, 12, 1025), (1, 12, 4097), (1, 12, 16385)]
 HEAD_DIMS = (64, 128)
 QUICK_SHAPES = [(8, 6, 197), (1, 12, 4097)]

@@ -1,4 +1,4 @@
-"""CPU backend speed against ``torch.nn.functional.scaled_dot_product_attention`` (DESIGN.md,
+"""CPU backend speed against ``torch.nn.functional.scaled_dot_product_attention`` (docs/design.md,
 "Performance protocol"): ratios measured side by side in one process, on the same inputs and the
 same thread count (``torch.get_num_threads()``), median of >= 10 timed runs after warm-up, two
 input sets alternated.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from raad_kernels.testing import make_qkv
 
-#: DESIGN.md shapes (B, H, N, D): ViT-S/16 at 224 px, at 448 px, patch-8 at 256 px, and N = 4097.
+#: The shapes of docs/design.md (B, H, N, D): ViT-S/16 at 224 px, at 448 px, patch-8 at 256 px, and N = 4097.
 SHAPES = [(8, 6, 197, 64), (4, 6, 785, 64), (1, 12, 1025, 64), (1, 6, 4097, 64)]
 MAPS = ["cls", "received", "entropy"]
 
