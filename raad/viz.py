@@ -1,10 +1,13 @@
 """Heatmap overlays and a small report grid.
 
 :func:`overlay` blends a colour-mapped anomaly map over its image and draws the ground-truth
-mask's contour; :func:`save_overlay` writes it as PNG; :func:`write_report` writes an HTML page
-and a Markdown file that show overlays in a grid. Colour maps come from matplotlib when it is
-installed (any of its names), otherwise from built-in ``turbo`` (polynomial approximation) and
-``jet`` formulas; everything else is Pillow + numpy. All files are written atomically.
+mask's contour; :func:`save_overlay` writes it as PNG; :func:`calibrated_overlay` colours a map
+on a run's calibrated scale (its decision threshold at the colour map's middle) and
+:func:`prediction_panel` puts it beside the image, with a title and the colour bar;
+:func:`write_report` writes an HTML page and a Markdown file that show overlays in a grid. Colour
+maps come from matplotlib when it is installed (any of its names), otherwise from built-in
+``turbo`` (polynomial approximation) and ``jet`` formulas; everything else is Pillow + numpy.
+All files are written atomically.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from scipy import ndimage
 
 from .io import atomic_save_image, atomic_write_text
 
-__all__ = ["colormap_lut", "colorize", "overlay", "save_overlay", "ReportEntry", "write_report"]
+__all__ = ["colormap_lut", "colorize", "overlay", "save_overlay", "ReportEntry", "write_report",
+           "calibrated_levels", "calibrated_overlay", "prediction_panel", "save_prediction_panel"]
 
 
 def _turbo(x: np.ndarray) -> np.ndarray:
@@ -234,3 +238,124 @@ def write_report(out_dir: str | os.PathLike, entries: Sequence, *, title: str = 
     html_path = atomic_write_text(out_dir / f"{name}.html", "\n".join(h))
     md_path = atomic_write_text(out_dir / f"{name}.md", "\n".join(md))
     return html_path, md_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibrated overlays (raad predict, raad score with a stored threshold)
+# ------------------------------------------------------------------------------------------------
+
+#: where the decision threshold sits on the colour map (its middle: normal below, anomalous above)
+THRESHOLD_LEVEL = 0.5
+
+
+def calibrated_levels(amap, threshold: float, vmin: float, vmax: float) -> np.ndarray:
+    """Anomaly map values -> colour-map positions in [0, 1]: ``vmin`` -> 0, ``threshold`` ->
+    :data:`THRESHOLD_LEVEL`, ``vmax`` -> 1, linear in between (each side on its own), clipped.
+    With ``vmax - threshold == threshold - vmin`` (as :func:`raad.threshold.calibrate` stores
+    them) this is the image scores' normalisation applied to every pixel."""
+    if not vmin < threshold < vmax:
+        raise ValueError(f"calibrated colours need vmin < threshold < vmax, got {vmin}, {threshold}, {vmax}")
+    a = np.asarray(amap, dtype=np.float64)
+    below = THRESHOLD_LEVEL * (a - vmin) / (threshold - vmin)
+    above = THRESHOLD_LEVEL + (1 - THRESHOLD_LEVEL) * (a - threshold) / (vmax - threshold)
+    return np.clip(np.where(a < threshold, below, above), 0.0, 1.0)
+
+
+def _outline(m: np.ndarray, width: int) -> np.ndarray:
+    edge = m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3), bool), border_value=0)
+    return ndimage.binary_dilation(edge, iterations=width - 1) if width > 1 else edge
+
+
+def calibrated_overlay(image, amap, threshold: float, vmin: float, vmax: float, mask=None, *,
+                       min_side: int = 256, alpha: float = 0.6, fade: float = 0.25,
+                       cmap: str = "turbo", outline: tuple[int, int, int] | None = (255, 255, 255),
+                       mask_color: tuple[int, int, int] = (255, 0, 255),
+                       use_matplotlib: bool = True) -> Image.Image:
+    """The image with its anomaly map coloured on the calibrated scale (see
+    :func:`calibrated_levels`: the threshold at the colour map's middle), at the image's own
+    resolution, scaled up so its shorter side is at least ``min_side`` pixels.
+
+    Where the map is at or above the threshold the colour is blended at ``alpha``; below, its
+    weight fades linearly to nothing at level ``fade`` (a normal image shows itself, with at most
+    a faint tint where it comes closest to the threshold). ``outline``: the colour of the
+    outline of the region at or above the threshold (None: none). ``mask``: a ground-truth mask
+    (any resolution), outlined in ``mask_color``.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0 <= fade < THRESHOLD_LEVEL:
+        raise ValueError(f"fade must be in [0, {THRESHOLD_LEVEL}), got {fade}")
+    img = _as_rgb(image)
+    scale = max(1.0, min_side / max(1, min(img.width, img.height)))
+    if scale > 1:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    hw = (img.height, img.width)
+    a = _resize_float(np.asarray(amap, dtype=np.float64), hw)
+    level = calibrated_levels(a, threshold, vmin, vmax)
+    heat = _lut(cmap, use_matplotlib)[np.clip(np.rint(level * 255), 0, 255).astype(np.intp)]
+    w = alpha * np.clip((level - fade) / (THRESHOLD_LEVEL - fade), 0.0, 1.0)[..., None]
+    out = (1 - w) * np.asarray(img, dtype=np.float64) + w * heat
+    width = max(1, round(min(hw) / 256))
+    if outline is not None:
+        out[_outline(a >= threshold, width)] = outline
+    if mask is not None:
+        m = np.asarray(mask).astype(bool)
+        if m.ndim != 2:
+            raise ValueError(f"mask: expected a 2-D mask, got shape {m.shape}")
+        if m.shape != hw:
+            m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.Resampling.NEAREST))
+        out[_outline(m, width)] = mask_color
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):   # Pillow without FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def prediction_panel(image, amap, threshold: float, vmin: float, vmax: float, mask=None, *,
+                     title: str = "", min_side: int = 256, cmap: str = "turbo",
+                     use_matplotlib: bool = True, **kwargs) -> Image.Image:
+    """The image and its :func:`calibrated_overlay` side by side (both at the overlay's
+    resolution), ``title`` above them and the colour bar below, its threshold marked."""
+    from PIL import ImageDraw
+    src = _as_rgb(image)
+    over = calibrated_overlay(src, amap, threshold, vmin, vmax, mask, min_side=min_side, cmap=cmap,
+                              use_matplotlib=use_matplotlib, **kwargs)
+    W, H = over.size
+    img = src if src.size == (W, H) else src.resize((W, H), Image.Resampling.BICUBIC)
+    gap = max(4, W // 64)
+    fs = max(11, min(W, H) // 18)
+    head = fs + 2 * gap if title else 0
+    bar_h = max(6, H // 32)
+    foot = bar_h + fs + 3 * gap
+    panel = Image.new("RGB", (2 * W + gap, head + H + foot), (255, 255, 255))
+    panel.paste(img, (0, head))
+    panel.paste(over, (W + gap, head))
+    draw = ImageDraw.Draw(panel)
+    font = _font(fs)
+    if title:
+        draw.text((gap, gap), title, fill=(0, 0, 0), font=font)
+    y0 = head + H + gap
+    x0 = W + gap
+    ramp = _lut(cmap, use_matplotlib)[np.clip(np.rint(np.linspace(0, 255, W)), 0, 255).astype(np.intp)]
+    panel.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0)), (x0, y0))
+    xt = x0 + round(THRESHOLD_LEVEL * (W - 1))
+    draw.line([(xt, y0 - gap // 2), (xt, y0 + bar_h + gap // 2)], fill=(0, 0, 0), width=max(1, W // 256))
+    ty = y0 + bar_h + gap
+    draw.text((x0, ty), f"{vmin:.3g}", fill=(0, 0, 0), font=font)
+    label = f"threshold {threshold:.4g}"
+    tw = draw.textlength(label, font=font)
+    draw.text((max(x0, xt - tw / 2), ty), label, fill=(0, 0, 0), font=font)
+    right = f"{vmax:.3g}"
+    draw.text((x0 + W - draw.textlength(right, font=font), ty), right, fill=(0, 0, 0), font=font)
+    return panel
+
+
+def save_prediction_panel(path: str | os.PathLike, image, amap, threshold: float, vmin: float,
+                          vmax: float, mask=None, **kwargs) -> Path:
+    """:func:`prediction_panel` written to ``path`` (PNG) atomically; returns the path."""
+    return atomic_save_image(path, prediction_panel(image, amap, threshold, vmin, vmax, mask, **kwargs))
