@@ -1,5 +1,11 @@
 """Run folders: weights (safetensors), config.json, plan.json, written atomically; refused with a
-clear message when they are from another format version or damaged."""
+clear message when they are from another format version or damaged.
+
+The decision threshold (``raad fit`` calibrates it on the held-out normals, ``raad calibrate``
+refines it; see :mod:`raad.threshold`) is config.json's ``threshold`` section, one record per
+precision ("plan", "fp32"), and calibration.json keeps the normal images' scores it rests on.
+Both are optional: a run fitted before thresholds existed loads as before, and `raad predict`
+asks for `raad calibrate RUN FOLDER` (:func:`threshold_for`)."""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ RUN_VERSION = 8  # 2: stride-8 student, block-4 targets, normalised stem input (
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"
+CALIBRATION = "calibration.json"
 
 
 class RunError(ValueError):
@@ -116,3 +123,48 @@ def load_run(run_dir, *, precision: str = "plan", backend: str = "auto"):
         if det.memory is not None:   # the plan runs the memory's fine search at int8 too
             det.memory.int8 = True
     return det, config, plan
+
+
+def threshold_key(precision: str, plan) -> str:
+    """Which stored threshold a model loaded at ``precision`` uses: "plan" when the plan is
+    applied, else "fp32" (a run without a plan runs float either way)."""
+    return "plan" if precision == "plan" and plan is not None else "fp32"
+
+
+def stored_threshold(config: dict, precision: str, plan) -> dict | None:
+    """The run's threshold record for ``precision`` (see :func:`threshold_key`), or None."""
+    rec = (config.get("threshold") or {}).get(threshold_key(precision, plan))
+    return rec if isinstance(rec, dict) and "threshold" in rec else None
+
+
+def threshold_for(run_dir, config: dict, precision: str, plan) -> dict:
+    """:func:`stored_threshold`, or a :class:`RunError` that says how to get one."""
+    rec = stored_threshold(config, precision, plan)
+    if rec is None:
+        run = Path(run_dir)
+        raise RunError(f"{run / CONFIG}: no decision threshold for precision "
+                       f"{threshold_key(precision, plan)!r} (the run was fitted before `raad fit` "
+                       f"calibrated one): run `raad calibrate {run} FOLDER` with a folder of normal "
+                       f"images the detector was not trained on")
+    return rec
+
+
+def read_calibration(run_dir) -> dict:
+    """calibration.json of a run ({} when it has none)."""
+    path = Path(run_dir) / CALIBRATION
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: damaged, not valid JSON ({e})") from None
+
+
+def save_threshold(run_dir, thresholds: dict, calibration: dict) -> None:
+    """Store ``thresholds`` ({precision: record}) in config.json and the ``calibration`` it rests
+    on in calibration.json, each atomically (calibration.json first)."""
+    run = Path(run_dir)
+    config = read_config(run)
+    save_json(run / CALIBRATION, calibration)
+    config["threshold"] = thresholds
+    save_json(run / CONFIG, config)

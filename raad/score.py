@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from . import metrics as M
+from . import threshold as T
 from . import viz
-from .checkpoint import load_run, read_config, save_json
+from .checkpoint import load_run, read_config, save_json, stored_threshold
 from .io import atomic_save_npz
 
 
@@ -47,13 +48,17 @@ def category_for(run: Path, data_dir, cat_dirs: dict, single_run: bool = True) -
 
 
 @torch.no_grad()
-def anomaly_maps(det, items, size, batch=8, show=True):
-    """Maps at each item's mask resolution (its image's size), in item order."""
+def anomaly_maps(det, items, size, batch=8, show=True, scores: list | None = None):
+    """Maps at each item's mask resolution (its image's size), in item order. ``scores``: a list
+    to which each item's image score at the model's resolution (what the decision threshold is
+    calibrated on, :func:`raad.threshold.image_scores`) is appended."""
     out = []
     for i in tqdm(range(0, len(items), batch), desc="scoring", disable=not show, leave=False):
         chunk = items[i:i + batch]
         x = torch.stack([D.load_image(it.path, size) for it in chunk])
         full = det(x)  # at model resolution; resized per item below
+        if scores is not None:
+            scores.extend(T.image_scores(full).tolist())
         for it, m in zip(chunk, full):
             h, w = D.image_size(it.path)
             if (h, w) != tuple(m.shape):
@@ -63,10 +68,11 @@ def anomaly_maps(det, items, size, batch=8, show=True):
     return out
 
 
-def evaluate(det, category, show=True):
-    """(metrics dict, items, maps, masks) of ``det`` on a validated category's test set."""
+def evaluate(det, category, show=True, scores: list | None = None):
+    """(metrics dict, items, maps, masks) of ``det`` on a validated category's test set
+    (``scores``: see :func:`anomaly_maps`)."""
     items = list(category.test)
-    maps = anomaly_maps(det, items, det.cfg.image_size, show=show)
+    maps = anomaly_maps(det, items, det.cfg.image_size, show=show, scores=scores)
     masks = [D.load_test_mask(it) for it in items]
     return M.compute_metrics([it.defect for it in items], maps=maps, masks=masks), items, maps, masks
 
@@ -74,30 +80,61 @@ def evaluate(det, category, show=True):
 def score_category(run_dir, category_dir, out_dir, precision="plan", backend="auto", overlays=True,
                    show=True) -> dict:
     det, config, plan = load_run(run_dir, precision=precision, backend=backend)
-    result, items, maps, masks = evaluate(det, D.validate(category_dir), show=show)
+    scores: list = []
+    result, items, maps, masks = evaluate(det, D.validate(category_dir), show=show, scores=scores)
     result["precision"] = precision
     result["plan"] = None if precision == "fp32" or plan is None else plan
+    rec = stored_threshold(config, precision, plan)
+    result["decision"] = decision_metrics(scores, [it.label for it in items], rec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_npz(out / "maps.npz", {it.key: m for it, m in zip(items, maps)})
     save_json(out / "metrics.json", result)
     if overlays:
-        write_overlays(out, items, maps, masks, show=show)
+        write_overlays(out, items, maps, masks, show=show, threshold=rec, scores=scores)
     return result
 
 
-def write_overlays(out: Path, items, maps, masks, show=True):
-    """One heatmap overlay per test image (shared colour range: the normal images' 99th
-    percentile up to the overall maximum) and a report page."""
-    good = [m for it, m in zip(items, maps) if it.label == 0]
-    vmin = float(np.percentile(np.concatenate([m.ravel() for m in good]), 50)) if good else 0.0
-    vmax = float(max(m.max() for m in maps))
+def decision_metrics(scores, labels, rec: dict | None) -> dict:
+    """The decision at the run's stored threshold on a labelled set (false-alarm and miss rates,
+    with counts and 95 % intervals) and the F1-optimal threshold; image scores at the model's
+    resolution, as the threshold was calibrated."""
+    best = T.f1_optimal(scores, labels)
+    if best is not None and rec is not None:
+        best["normalized"] = T.normalize(best["threshold"], rec)
+    return {"image_score": "the anomaly map's maximum at the model's resolution",
+            "stored": None if rec is None else {k: rec[k] for k in
+                                                ("threshold", "fpr_target", "method", "n_images",
+                                                 "fpr_interval", "source")},
+            "at_stored": None if rec is None else T.rates_at(scores, labels, rec["threshold"]),
+            "f1_optimal": best}
+
+
+def write_overlays(out: Path, items, maps, masks, show=True, threshold: dict | None = None,
+                   scores=None):
+    """One heatmap overlay per test image and a report page. With the run's ``threshold``
+    record: the image beside its map coloured on the calibrated scale (the threshold at the
+    colour map's middle, :func:`raad.viz.prediction_panel`), at the image's own resolution (at
+    least 256 px). Without (a run fitted before thresholds): one colour range shared by the set
+    (the normal images' median up to the overall maximum)."""
+    if threshold is None:
+        good = [m for it, m in zip(items, maps) if it.label == 0]
+        vmin = float(np.percentile(np.concatenate([m.ravel() for m in good]), 50)) if good else 0.0
+        vmax = float(max(m.max() for m in maps))
     entries = []
-    for it, m, mk in tqdm(list(zip(items, maps, masks)), desc="overlays", disable=not show, leave=False):
+    for i, (it, m, mk) in enumerate(tqdm(list(zip(items, maps, masks)), desc="overlays",
+                                         disable=not show, leave=False)):
         path = out / "overlays" / it.key.replace("/", "__").rsplit(".", 1)[0]
         path = path.with_suffix(".png")
-        viz.save_overlay(path, D.open_rgb(it.path), m, mk if it.label else None, vmin=vmin, vmax=vmax)
-        entries.append(viz.ReportEntry(path, it.key, float(m.max()), it.defect))
+        image = D.open_rgb(it.path)
+        s = scores[i] if scores is not None else float(m.max())
+        if threshold is None:
+            viz.save_overlay(path, image, m, mk if it.label else None, vmin=vmin, vmax=vmax)
+        else:
+            title = f"{T.decide(s, threshold).upper()}  score {s:.4g} ({T.normalize(s, threshold):.3f})  {it.key}"
+            viz.save_prediction_panel(path, image, m, threshold["threshold"], threshold["min"],
+                                      threshold["max"], mk if it.label else None, title=title)
+        entries.append(viz.ReportEntry(path, it.key, s, it.defect))
     viz.write_report(out, entries, title=f"RAAD anomaly maps: {items[0].path.parents[2].name if items else ''}")
 
 
