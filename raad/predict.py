@@ -229,7 +229,7 @@ class Scorer:
         if ok:
             x = torch.stack([model_input(im, self.size) for im in images]).to(self.device)
             maps = self.det(x).float().cpu()
-            scores = T.image_scores(maps)
+            scores = T.image_scores(maps, T.score_sigma(self.det))
             r = self.rec
             for s, img, m, score in zip(ok, images, maps.numpy(), scores):
                 score = float(score)
@@ -370,6 +370,7 @@ def predict(run_dir, inputs, out_dir, *, precision: str = "plan", batch: int = 8
     kwargs = dict(run_dir=str(run), precision=precision, device=device, out_dir=str(out.resolve()),
                   rec=rec, rid=meta["run_id"])
     t0 = time.perf_counter()
+    t_first = None   # when the first chunk came back: the start-up (model, workers) is before it
     new: dict[str, dict] = {}
     bar = tqdm(total=n_todo, desc="predicting", unit="img", disable=not show or not n_todo,
                dynamic_ncols=True)
@@ -380,6 +381,7 @@ def predict(run_dir, inputs, out_dir, *, precision: str = "plan", batch: int = 8
                 for r in scorer.score_chunk(c):
                     new[r["key"]] = r
                 bar.update(len(c))
+                t_first = t_first or (time.perf_counter(), len(new))
         else:
             from .scaleout import predict_chunks
             for recs in predict_chunks(todo, kwargs, address=ray, workers=workers, cpus=ray_cpus,
@@ -387,9 +389,14 @@ def predict(run_dir, inputs, out_dir, *, precision: str = "plan", batch: int = 8
                 for r in recs:
                     new[r["key"]] = r
                 bar.update(len(recs))
+                t_first = t_first or (time.perf_counter(), len(new))
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    seconds = t_end - t0
+    # images/s once running: the chunks after the first over the time after it
+    steady = (len(new) - t_first[1]) / (t_end - t_first[0]) if t_first and t_end > t_first[0] \
+        and len(new) > t_first[1] else None
     records = [new.get(s.key) or done[s.key] for s in sources]
     csv_path, jsonl_path = write_predictions(out, records)
     errors = [(r["image"], r["error"]) for r in records if r["decision"] == "error"]
@@ -401,6 +408,8 @@ def predict(run_dir, inputs, out_dir, *, precision: str = "plan", batch: int = 8
                "skipped_not_images": skipped, "resumed": len(records) - len(new) if resume else 0,
                "scored_now": len(new), "seconds": round(seconds, 2),
                "images_per_s": round(scored / seconds, 3) if scored and seconds > 0 else None,
+               "startup_s": None if t_first is None else round(t_first[0] - t0, 2),
+               "images_per_s_running": None if steady is None else round(steady, 3),
                "workers": "this process" if ray is None else f"ray ({ray or 'local'})",
                "csv": str(csv_path), "jsonl": str(jsonl_path)}
     save_json(out / META, {**meta, "status": "done", "summary": summary})
@@ -427,7 +436,7 @@ def score_paths(det, paths, batch: int = 8, device: str = "cpu", show: bool = Tr
             except BadImage as e:
                 bad.append((p, str(e)))
         if ok:
-            s = T.image_scores(det(torch.stack(xs).to(device)).float())
+            s = T.image_scores(det(torch.stack(xs).to(device)).float(), T.score_sigma(det))
             scores.update(zip(ok, map(float, s)))
     return scores, bad
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,10 @@ INSTALL_HINT = ("--ray needs Ray, an optional dependency: pip install 'ray[data]
 
 class RayMissing(ValueError):
     """--ray without Ray installed (a ValueError: the CLI prints it and exits with status 2)."""
+
+
+class RayUnavailable(ValueError):
+    """A Ray cluster that cannot be reached (or a local one that cannot start)."""
 
 
 def _import_ray():
@@ -51,12 +56,12 @@ def connected(address: str | None):
         yield ray
         return
     kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-    if address and address != "local":
-        ray.init(address=address, **kw)
-    elif address == "local":
-        ray.init(address="local", **kw)
-    else:
-        ray.init(**kw)   # RAY_ADDRESS if set, else a new local Ray
+    try:
+        # no address: RAY_ADDRESS if set, else a new local Ray ("local": always a new one)
+        ray.init(**({"address": address} if address else {}), **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        raise RayUnavailable(f"--ray: cannot start or reach a Ray cluster at {where} ({e})") from None
     try:
         yield ray
     finally:
