@@ -1,6 +1,7 @@
 """`raad ablate`: on the same data and the same float student, compare fp32, uniform int8,
 uniform int4, the HQS plan and a random plan at the same average bits, each with and without
-stage 2. Writes ablation.md, ablation.json and ablation.png."""
+stage 2, and the PatchCore-style baseline (:mod:`raad.baseline`) on the same images at the same
+resolution. Writes ablation.md, ablation.json and ablation.png."""
 
 from __future__ import annotations
 
@@ -35,12 +36,21 @@ def uniform_plan(names, bits: int) -> dict:
             "layers": {n: {"qk_bits": bits, "pv_bits": 8} for n in names}}
 
 
+def baseline(category, image_size: int, seed: int = 0, show=True) -> dict:
+    """The PatchCore-style baseline (:mod:`raad.baseline`) fitted on all of the category's
+    training images at the detector's resolution, scored on its test set."""
+    from .baseline import PatchCore
+    from .train import load_images
+    pc = PatchCore(image_size, seed=seed).fit(load_images(list(category.train), image_size, show))
+    return evaluate(pc, category, show=show)[0]
+
+
 def ablate_category(category_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> dict:
     prep = prepare(category_dir, cfg, opts, show)
     train_float(prep, opts, show)
     test = D.validate(category_dir)
     base = prep.det
-    rows = {"fp32": evaluate(base, test, show=show)[0]}
+    rows = {"fp32": evaluate(base, test, show=show)[0], "patchcore": baseline(test, cfg.image_size, opts.seed, show)}
     weights = discrepancy_weights(base, prep.stems, prep.targets)
     names = base.attention_modules()
     hqs_opts = copy.copy(opts)

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .io import atomic_save_image
+
 __all__ = [
     "DataError", "TestItem", "Category", "IMAGE_EXTS", "MASK_THRESHOLD", "GOOD",
     "IMAGENET_MEAN", "IMAGENET_STD",
@@ -548,3 +550,62 @@ def _install(tmp: Path, final: Path) -> None:
 
 def _json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def check_generator_args(kind: str, known, cats, n_train: int, n_test_good: int, n_test_defect: int,
+                         size: int, min_size: int, seed: int) -> None:
+    """The checks every category generator makes of its arguments (``kind`` names it)."""
+    unknown = [c for c in cats if c not in known]
+    if unknown:
+        raise DataError(f"unknown {kind} categor{'y' if len(unknown) == 1 else 'ies'} "
+                        f"{unknown}; known: {list(known)}")
+    if len(set(cats)) != len(cats):
+        raise DataError(f"categories listed twice: {cats}")
+    if n_train < 1 or min(n_test_good, n_test_defect) < 0:
+        raise DataError(f"need n_train >= 1 and non-negative test counts, got n_train={n_train} "
+                        f"n_test_good={n_test_good} n_test_defect={n_test_defect}")
+    if int(size) < min_size:
+        raise DataError(f"size must be at least {min_size} pixels, got {size}")
+    if int(seed) < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed}")
+
+
+def write_categories(out_root: Path, names: Sequence[str], overwrite: bool,
+                     fill: Callable[[str, Path], None]) -> list[Path]:
+    """Each category built by ``fill(name, folder)`` in a hidden temporary folder inside
+    ``out_root``, then all renamed into place (an existing one replaced only with
+    ``overwrite``); a failure leaves the existing folders as they were."""
+    _check_targets(out_root, names, overwrite)
+    out_root.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        for name in names:
+            temps[name] = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_root))
+            fill(name, temps[name])
+        for name in names:
+            _install(temps.pop(name), out_root / name)
+    finally:
+        for tmp in temps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [out_root / n for n in names]
+
+
+def write_samples(folder: Path, defects: Sequence[str], counts: tuple[int, int, int],
+                  sample: Callable[[str, str, int], tuple[np.ndarray, np.ndarray]],
+                  progress=None) -> dict[str, int]:
+    """A generated category's images and masks in the MVTec layout: ``counts`` = (training
+    images, good test images, test images per defect type), each ``sample(split, defect,
+    index)`` -> (uint8 image, bool mask); returns the image count per folder."""
+    n_train, n_good, n_defect = counts
+    jobs = [("train", GOOD, "train/good", n_train), ("test", GOOD, "test/good", n_good)]
+    jobs += [("test", d, f"test/{d}", n_defect) for d in defects]
+    for split, defect, sub, n in jobs:
+        for i in range(n):
+            img, mask = sample(split, defect, i)
+            atomic_save_image(folder / sub / f"{i:03d}.png", img)
+            if defect != GOOD:
+                atomic_save_image(folder / "ground_truth" / defect / f"{i:03d}_mask.png",
+                                  (mask * np.uint8(255)).astype(np.uint8))
+            if progress is not None:
+                progress()
+    return {sub: n for _, _, sub, n in jobs}

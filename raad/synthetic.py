@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage, signal
 
-from .dataset import GOOD, DataError, _check_targets, _install, _json
-from .io import atomic_save_image, atomic_write_text
+from .dataset import GOOD, DataError, _json, check_generator_args, write_categories, write_samples
+from .io import atomic_write_text
 
 __all__ = ["SYNTHETIC_CATEGORIES", "SYNTHETIC_VERSION", "DEFECT_DESCRIPTIONS", "make_synthetic",
            "synth_sample"]
@@ -631,47 +631,18 @@ def make_synthetic(out_root: str | os.PathLike, categories: Sequence[str] | None
     """
     out_root = Path(out_root)
     cats = list(SYNTHETIC_CATEGORIES) if categories is None else list(categories)
-    unknown = [c for c in cats if c not in SYNTHETIC_CATEGORIES]
-    if unknown:
-        raise DataError(f"unknown synthetic categor{'y' if len(unknown) == 1 else 'ies'} "
-                        f"{unknown}; known: {list(SYNTHETIC_CATEGORIES)}")
-    if len(set(cats)) != len(cats):
-        raise DataError(f"categories listed twice: {cats}")
-    if n_train < 1 or min(n_test_good, n_test_defect) < 0:
-        raise DataError(f"need n_train >= 1 and non-negative test counts, got n_train={n_train} "
-                        f"n_test_good={n_test_good} n_test_defect={n_test_defect}")
-    if int(size) < 32:
-        raise DataError(f"size must be at least 32 pixels, got {size}")
-    if int(seed) < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed}")
-    _check_targets(out_root, cats, overwrite)
-    out_root.mkdir(parents=True, exist_ok=True)
-    temps: dict[str, Path] = {}
-    try:
-        for cat in cats:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{cat}.tmp-", dir=out_root))
-            temps[cat] = tmp
-            spec = SYNTHETIC_CATEGORIES[cat]
-            counts = {}
-            jobs = [("train", GOOD, "train/good", n_train), ("test", GOOD, "test/good", n_test_good)]
-            jobs += [("test", d, f"test/{d}", n_test_defect) for d in spec["defects"]]
-            for split, defect, folder, n in jobs:
-                counts[folder] = n
-                for i in range(n):
-                    img, mask = synth_sample(cat, split, defect, i, seed=seed, size=size)
-                    atomic_save_image(tmp / folder / f"{i:03d}.png", img)
-                    if defect != GOOD:
-                        atomic_save_image(tmp / "ground_truth" / defect / f"{i:03d}_mask.png",
-                                          (mask * np.uint8(255)).astype(np.uint8))
-            atomic_write_text(tmp / "meta.json", _json({
-                "category": cat, "kind": spec["kind"], "about": spec["about"],
-                "generator": "raad.data.make_synthetic", "version": SYNTHETIC_VERSION,
-                "seed": int(seed), "size": int(size), "counts": counts,
-                "defects": {d: DEFECT_DESCRIPTIONS[d] for d in spec["defects"]},
-                "mask_rule": "mask = exactly the pixels the defect changed (0/255 PNG)"}))
-        for cat in cats:
-            _install(temps.pop(cat), out_root / cat)
-    finally:
-        for tmp in temps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return [out_root / c for c in cats]
+    check_generator_args("synthetic", SYNTHETIC_CATEGORIES, cats, n_train, n_test_good, n_test_defect,
+                         size, 32, seed)
+
+    def fill(cat: str, folder: Path) -> None:
+        spec = SYNTHETIC_CATEGORIES[cat]
+        counts = write_samples(folder, spec["defects"], (n_train, n_test_good, n_test_defect),
+                               lambda split, defect, i: synth_sample(cat, split, defect, i, seed=seed,
+                                                                     size=size))
+        atomic_write_text(folder / "meta.json", _json({
+            "category": cat, "kind": spec["kind"], "about": spec["about"],
+            "generator": "raad.data.make_synthetic", "version": SYNTHETIC_VERSION,
+            "seed": int(seed), "size": int(size), "counts": counts,
+            "defects": {d: DEFECT_DESCRIPTIONS[d] for d in spec["defects"]},
+            "mask_rule": "mask = exactly the pixels the defect changed (0/255 PNG)"}))
+    return write_categories(out_root, cats, overwrite, fill)

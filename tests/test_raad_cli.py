@@ -240,10 +240,15 @@ def test_cli_defaults_are_the_library_defaults():
     import inspect
 
     import raad.data as D
-    a = build_parser().parse_args(["make-data", "out"])
-    lib = inspect.signature(D.make_synthetic).parameters
-    for name in ("seed", "size", "n_train", "n_test_good", "n_test_defect"):
-        assert getattr(a, name) == lib[name].default, name
+    from raad.cli import make_data_call
+    from raad.realphoto import make_real
+    for argv, lib_fn in ((["make-data", "out"], D.make_synthetic),
+                         (["make-data", "out", "--real"], make_real)):
+        gen, kwargs = make_data_call(build_parser().parse_args(argv))
+        assert gen is lib_fn
+        lib = inspect.signature(lib_fn).parameters
+        for name in ("seed", "size", "n_train", "n_test_good", "n_test_defect"):
+            assert kwargs.get(name, lib[name].default) == lib[name].default, name
 
 
 def test_demo_writes_table_report_and_heatmaps(tmp_path, monkeypatch, capsys):
@@ -256,7 +261,8 @@ def test_demo_writes_table_report_and_heatmaps(tmp_path, monkeypatch, capsys):
     from raad.train import FitOptions
 
     monkeypatch.setattr(demo_mod, "ModelConfig", functools.partial(
-        ModelConfig, image_size=64, embed_dim=32, depth=2, num_heads=1))
+        ModelConfig, embed_dim=32, depth=2, num_heads=1))
+    monkeypatch.setattr(demo_mod, "DEMO_IMAGE_SIZE", 64)
     monkeypatch.setattr(demo_mod, "FitOptions", functools.partial(FitOptions, stage2_steps=2, batch_size=4))
     out = tmp_path / "demo"
     res = demo_mod.demo(out, steps=3, categories=["pcb"], quiet=True)
@@ -278,12 +284,13 @@ def test_ablate_writes_table_json_and_plot(fitted, tmp_path):
     data, _ = fitted
     out = tmp_path / "ablation"
     assert main(["ablate", str(data), "--out", str(out), "--quiet"] + TINY) == 0
-    settings = ["fp32"] + [f"{p}{s}" for p in ("int8", "int4", "HQS@4", "random@4") for s in ("", " +stage2")]
+    settings = ["fp32", "patchcore"] + [f"{p}{s}" for p in ("int8", "int4", "HQS@4", "random@4")
+                                         for s in ("", " +stage2")]
     res = json.loads((out / "ablation.json").read_text())
     assert list(res) == ["pcb"] and list(res["pcb"]) == settings
     for name, row in res["pcb"].items():
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["aupro"] <= 1.0, name
-        assert (row.get("bits") is None) == (name == "fp32")
+        assert (row.get("bits") is None) == (name in ("fp32", "patchcore"))
     assert set(res["pcb"]["int4"]["bits"].values()) == {4}
     table = (out / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(settings) and all(f"| pcb | {s} |" in "\n".join(table) for s in settings)
