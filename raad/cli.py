@@ -1,4 +1,4 @@
-"""Command line: raad make-data | fit | score | bench | demo | ablate."""
+"""Command line: raad make-data | fit | score | predict | calibrate | bench | demo | ablate."""
 
 from __future__ import annotations
 
@@ -24,22 +24,43 @@ def _fit_opts(args):
     from .train import FitOptions
     return FitOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, avg_bits=args.avg_bits,
                       stage2_steps=args.stage2_steps, seed=args.seed, device=args.device,
-                      linear_bits=args.linear_bits)
+                      linear_bits=args.linear_bits, **({"fpr": args.fpr} if "fpr" in args else {}))
+
+
+def make_data_call(args):
+    """(generator, keyword arguments) for ``raad make-data``: the synthetic generator, or with
+    ``--real`` the real-photo set; options left out take the generator's own defaults."""
+    if args.real:
+        from .realphoto import make_real as gen
+    else:
+        gen = D.make_synthetic
+    kwargs = {k: getattr(args, k) for k in ("seed", "size", "n_train", "n_test_good", "n_test_defect")
+              if getattr(args, k) is not None}
+    return gen, dict(kwargs, categories=args.categories, overwrite=args.overwrite)
 
 
 def cmd_make_data(args):
-    made = D.make_synthetic(args.out, categories=args.categories, seed=args.seed, size=args.size,
-                            n_train=args.n_train, n_test_good=args.n_test_good,
-                            n_test_defect=args.n_test_defect, overwrite=args.overwrite)
-    for p in made:
+    gen, kwargs = make_data_call(args)
+    for p in gen(args.out, **kwargs):
         print(p)
 
 
 def cmd_fit(args):
+    if args.ray is not None:
+        from .scaleout import fit_on_ray
+        res = fit_on_ray(args.data_dir, args.out, _model_cfg(args), _fit_opts(args), address=args.ray,
+                         cpus=args.ray_cpus, gpus=args.ray_gpus, show=not args.quiet)
+        failed = {k: v["error"] for k, v in res.items() if "error" in v}
+        if failed:
+            print(f"raad fit: {len(failed)} of {len(res)} categories failed: "
+                  + "; ".join(f"{k}: {v}" for k, v in failed.items()), file=sys.stderr)
+            return 1
+        return 0
     from .train import fit
     res = fit(args.data_dir, args.out, _model_cfg(args), _fit_opts(args).check(), show=not args.quiet)
     for name, s in res.items():
-        print(f"{name}: fitted in {s['seconds']} s -> {Path(args.out) / name}")
+        stages = ", ".join(f"{k} {v} s" for k, v in s.get("stage_seconds", {}).items())
+        print(f"{name}: fitted in {s['seconds']} s ({stages}) -> {Path(args.out) / name}")
 
 
 def cmd_score(args):
@@ -48,7 +69,66 @@ def cmd_score(args):
     for name, r in res.items():
         print(f"{name}: image AUROC {_f(r['image_auroc'])}  pixel AUROC {_f(r['pixel_auroc'])}  "
               f"AU-PRO {_f(r['aupro'])}  F1-max {_f(r['f1_max'])}")
+        d = r.get("decision") or {}
+        at, best = d.get("at_stored"), d.get("f1_optimal")
+        parts = []
+        if at:
+            parts.append(f"stored threshold {d['stored']['threshold']:.4g} "
+                         f"({100 * d['stored']['fpr_target']:.3g} % false alarms targeted): "
+                         + ", ".join(f"{what} {_pct(at[k])} ({at[k + '_count'][0]}/{at[k + '_count'][1]})"
+                                     for k, what in (("fpr", "false alarms"), ("miss_rate", "misses"))
+                                     if at[k] is not None))
+        else:
+            parts.append("no stored threshold (run `raad calibrate RUN FOLDER`)")
+        if best:
+            parts.append(f"F1-optimal threshold {best['threshold']:.4g} (F1 {best['f1']:.3f})")
+        print("  " + "; ".join(parts))
     print(f"metrics, maps and overlays in {args.out}")
+
+
+def _pct(x):
+    return f"{100 * x:.3g} %"
+
+
+def cmd_predict(args):
+    from .predict import predict
+    try:
+        s = predict(args.run_dir, args.inputs, args.out, precision=args.precision, batch=args.batch,
+                    device=args.device, resume=args.resume, overwrite=args.overwrite, ray=args.ray,
+                    workers=args.workers, ray_cpus=args.ray_cpus, ray_gpus=args.ray_gpus,
+                    show=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"raad predict: interrupted; the images finished are kept in {args.out}: run the same "
+              f"command with --resume to score the rest", file=sys.stderr)
+        return 130
+    rate = f", {s['images_per_s']:.2f} images/s" if s["images_per_s"] else ""
+    resumed = f" ({s['resumed']} done before, kept)" if s["resumed"] else ""
+    print(f"{s['images']} images{resumed}: {s['fail']} fail, {s['pass']} pass, {s['error']} unreadable "
+          f"({s['seconds']:.1f} s{rate}) -> {s['csv']}")
+    for e in s["errors"]:
+        print(f"  unreadable: {e['image']}: {e['error']}", file=sys.stderr)
+    if s["skipped_not_images"]:
+        print(f"  {len(s['skipped_not_images'])} files skipped, not images by their extension "
+              f"(e.g. {s['skipped_not_images'][0]})", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args):
+    from .predict import calibrate_folder
+    r = calibrate_folder(args.run_dir, args.folders, fpr=args.fpr, replace=args.replace,
+                         device=args.device, batch=args.batch, show=not args.quiet)
+    for p, e in r["bad"]:
+        print(f"  unreadable, left out: {p}: {e}", file=sys.stderr)
+    if r["left_out_training"]:
+        print(f"  {r['left_out_training']} of the images trained the detector: left out", file=sys.stderr)
+    for prec, t in r["thresholds"].items():
+        print(f"{prec}: threshold {t['threshold']:.4g} for {_pct(t['fpr_target'])} false alarms: {t['note']}")
+        old = r["previous"].get(prec)
+        if old:
+            lo, hi = old["fpr_interval"]
+            print(f"  the previous threshold {old['threshold']:.4g} flagged {_pct(old['fpr'])} of the "
+                  f"{old['fpr_count'][1]} new images (95 % interval {_pct(lo)}-{_pct(hi)})")
+    return 0
 
 
 def cmd_bench(args):
@@ -88,6 +168,15 @@ def _f(x):
 def build_parser():
     p = argparse.ArgumentParser(prog="raad", description="RAAD: anomaly detection with hierarchically quantized attention")
     sub = p.add_subparsers(dest="command", required=True)
+    from .train import FitOptions
+
+    def ray_args(s, what):
+        s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help=f"{what}; ADDRESS: a Ray cluster (auto, HOST:6379, ray://HOST:10001); "
+                            "without it RAY_ADDRESS, else a local Ray (needs the optional ray extra)")
+        s.add_argument("--ray-cpus", type=float, default=1, help="with --ray: CPUs per task or worker")
+        s.add_argument("--ray-gpus", type=float, default=None,
+                       help="with --ray: GPUs per task or worker (default: 1 with --device cuda, else 0)")
 
     def model_args(s):
         # defaults come from the dataclasses, so the CLI, `raad demo` and the Python API agree
@@ -130,16 +219,27 @@ def build_parser():
         s.add_argument("--seed", type=int, default=f.seed)
         s.add_argument("--device", default=f.device)
 
-    s = sub.add_parser("make-data", help="generate synthetic categories in the MVTec AD layout")
+    s = sub.add_parser("make-data", help="generate categories in the MVTec AD layout: synthetic, or "
+                                         "defects drawn on packaged real photographs (--real)")
     s.add_argument("out")
-    s.add_argument("--categories", nargs="*", default=None, help=f"from {sorted(D.SYNTHETIC_CATEGORIES)}")
-    made = {k: p.default for k, p in inspect.signature(D.make_synthetic).parameters.items()}
-    s.add_argument("--seed", type=int, default=made["seed"])
-    s.add_argument("--size", type=int, default=made["size"])
-    s.add_argument("--n-train", type=int, default=made["n_train"])
-    s.add_argument("--n-test-good", type=int, default=made["n_test_good"])
-    s.add_argument("--n-test-defect", type=int, default=made["n_test_defect"],
-                   help="test images per defect type")
+    s.add_argument("--real", action="store_true",
+                   help="the real-photo set (raad.realphoto): photographs that ship in scikit-image, "
+                        "train and test crops from disjoint regions, defects of MVTec's kinds")
+    from .realphoto import REAL_CATEGORIES
+    s.add_argument("--categories", nargs="*", default=None,
+                   help=f"synthetic: {sorted(D.SYNTHETIC_CATEGORIES)}; --real: {list(REAL_CATEGORIES)}")
+    syn = {k: p.default for k, p in inspect.signature(D.make_synthetic).parameters.items()}
+    from .realphoto import make_real
+    real = {k: p.default for k, p in inspect.signature(make_real).parameters.items()}
+
+    def dflt(k):
+        return f"default {syn[k]}, with --real {real[k]}"
+    s.add_argument("--seed", type=int, default=None, help=dflt("seed"))
+    s.add_argument("--size", type=int, default=None, help=dflt("size"))
+    s.add_argument("--n-train", type=int, default=None, help=dflt("n_train"))
+    s.add_argument("--n-test-good", type=int, default=None, help=dflt("n_test_good"))
+    s.add_argument("--n-test-defect", type=int, default=None,
+                   help="test images per defect type, " + dflt("n_test_defect"))
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_make_data)
 
@@ -147,6 +247,10 @@ def build_parser():
     s.add_argument("data_dir")
     s.add_argument("--out", required=True, help="run folder")
     model_args(s)
+    s.add_argument("--fpr", type=float, default=FitOptions().fpr,
+                   help="the decision threshold's target false-alarm rate, calibrated on the "
+                        "held-out normal images (default 0.01 = 1 %%)")
+    ray_args(s, "fit each category as its own Ray task")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_fit)
 
@@ -157,6 +261,35 @@ def build_parser():
     s.add_argument("--precision", choices=("plan", "fp32"), default="plan")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("predict", help="score new images: score, normalised score, pass/fail, overlay; "
+                                      "predictions.csv and .jsonl")
+    s.add_argument("run_dir", help="a fitted category's run folder")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders (searched recursively)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--precision", choices=("plan", "fp32"), default="plan")
+    s.add_argument("--batch", type=int, default=8, help="images per forward (and per chunk of work)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--resume", action="store_true", help="keep the images an earlier run into --out finished")
+    s.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
+    ray_args(s, "spread the images over Ray workers (Ray Data)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="with --ray: scoring actors (default: as many as the cluster's CPUs hold)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("calibrate", help="set a run's decision threshold again from normal images")
+    s.add_argument("run_dir")
+    s.add_argument("folders", nargs="+", metavar="FOLDER",
+                   help="normal images the detector was not trained on (files or folders)")
+    s.add_argument("--fpr", type=float, default=None,
+                   help="target false-alarm rate (default: the run's current target)")
+    s.add_argument("--replace", action="store_true",
+                   help="calibrate on these images alone (default: pooled with the earlier ones)")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("bench", help="images/s of the plan against the same model in fp32")
     s.add_argument("run_dir")
@@ -188,11 +321,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (D.DataError, RunError, ValueError, FileNotFoundError) as e:
         print(f"raad {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from .train import FitOptions, fit
 #: every synthetic category (two textures, two objects): the demo shows where the detector is
 #: weak as well as where it is strong
 DEMO_CATEGORIES = tuple(D.SYNTHETIC_CATEGORIES)
+#: the demo fits at 128 px (the synthetic images' own size) to finish in a few minutes on 2
+#: cores; `raad fit` defaults to 256 px
+DEMO_IMAGE_SIZE = 128
 
 
 def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
@@ -28,9 +31,9 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
     if not all((data_dir / c).is_dir() for c in cats):
         print(f"[1/4] generating synthetic categories {cats} in {data_dir}")
         D.make_synthetic(data_dir, categories=cats, seed=0, overwrite=True)
-    cfg = ModelConfig()
+    cfg = ModelConfig(image_size=DEMO_IMAGE_SIZE)
     opts = FitOptions(steps=steps or FitOptions.steps, avg_bits=4.0)
-    print(f"[2/4] fitting ({opts.steps} steps, HQS plan at {opts.avg_bits} average bits)")
+    print(f"[2/4] fitting at {cfg.image_size} px ({opts.steps} steps, HQS plan at {opts.avg_bits} average bits)")
     fits = fit(data_dir, out / "run", cfg, opts, show=show)
     print("[3/4] scoring in fp32 and with the plan")
     rows = {}

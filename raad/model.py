@@ -46,6 +46,7 @@ Design (after EfficientAD, with a ViT student):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -68,7 +69,7 @@ def has_autoencoder(cfg) -> bool:
 class ModelConfig:
     """Everything needed to rebuild a detector (saved as config.json next to the weights)."""
 
-    image_size: int = 128
+    image_size: int = 256   # inspection resolution (MVTec practice); the demo uses 128
     teacher: str = "effnet-lite0"
     stride: int = 8        # image pixels per student token (4 or 8); the maps' resolution
     target_blocks: tuple = (4,)  # EfficientNet blocks whose outputs are the targets (4: stride 8)
@@ -79,6 +80,10 @@ class ModelConfig:
     ae_code: int = 64
     autoencoder: str = "auto"  # the autoencoder branch: on | off | auto (off on textures)
     smooth_sigma: float = 2.0  # Gaussian smoothing of the upsampled map, in image pixels
+    # the image score is the maximum of the map blurred by this many pixels (None: image_size /
+    # 64, 4 px at 256): one sharp peak of a texture never seen in training counts less than a
+    # defect's area. Runs of format 8 scored the plain maximum (0).
+    score_sigma: float | None = None
     memory: str = "auto"     # fine-feature memory (raad.memory): off | global | local | auto
     memory_size: int = 2048  # fine cells kept (greedy coreset; capped when fitting)
     memory_place: float = 1.0  # local: distance per cell of displacement (whitened units)
@@ -102,6 +107,10 @@ class ModelConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.stride
+
+    @property
+    def image_score_sigma(self) -> float:
+        return self.image_size / 64 if self.score_sigma is None else float(self.score_sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +312,32 @@ class Student(_vit_class()):
             self.patch_embed.proj = nn.Conv2d(in_channels, cfg.embed_dim, 3, stride=patch, padding=1)
         self.out_channels = out_channels
         self.out_head = nn.Linear(cfg.embed_dim, out_channels * (2 if has_autoencoder(cfg) else 1))
+
+    _window = None   # (row, column) of a training window on the token grid, or None
+
+    @contextmanager
+    def window_at(self, corner):
+        """Within the block, the student's input is the window of its grid whose top-left token
+        is ``corner`` (row, column): its tokens get that window's slice of the position
+        embeddings (not the whole table resampled, as timm would). ``None``: the whole grid."""
+        self._window = None if corner is None else tuple(int(c) for c in corner)
+        try:
+            yield self
+        finally:
+            self._window = None
+
+    def _pos_embed(self, x):
+        if self._window is None:
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape
+        gh, gw = self.patch_embed.grid_size
+        y0, x0 = self._window
+        if y0 < 0 or x0 < 0 or y0 + H > gh or x0 + W > gw:
+            raise ValueError(f"window of {H}x{W} tokens at ({y0}, {x0}) is outside the {gh}x{gw} grid")
+        k = self.num_prefix_tokens
+        grid = self.pos_embed[:, k:].reshape(1, gh, gw, C)[:, y0:y0 + H, x0:x0 + W]
+        prefix = self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :k]
+        return self.pos_drop(torch.cat([prefix, (x + grid).reshape(B, H * W, C)], dim=1))
 
     def forward(self, x):
         b, _, h, w = x.shape

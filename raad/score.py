@@ -58,7 +58,7 @@ def anomaly_maps(det, items, size, batch=8, show=True, scores: list | None = Non
         x = torch.stack([D.load_image(it.path, size) for it in chunk])
         full = det(x)  # at model resolution; resized per item below
         if scores is not None:
-            scores.extend(T.image_scores(full).tolist())
+            scores.extend(T.image_scores(full, T.score_sigma(det)).tolist())
         for it, m in zip(chunk, full):
             h, w = D.image_size(it.path)
             if (h, w) != tuple(m.shape):
@@ -72,9 +72,11 @@ def evaluate(det, category, show=True, scores: list | None = None):
     """(metrics dict, items, maps, masks) of ``det`` on a validated category's test set
     (``scores``: see :func:`anomaly_maps`)."""
     items = list(category.test)
+    scores = [] if scores is None else scores
     maps = anomaly_maps(det, items, det.cfg.image_size, show=show, scores=scores)
     masks = [D.load_test_mask(it) for it in items]
-    return M.compute_metrics([it.defect for it in items], maps=maps, masks=masks), items, maps, masks
+    return (M.compute_metrics([it.defect for it in items], scores=scores, maps=maps, masks=masks),
+            items, maps, masks)
 
 
 def score_category(run_dir, category_dir, out_dir, precision="plan", backend="auto", overlays=True,
@@ -102,7 +104,8 @@ def decision_metrics(scores, labels, rec: dict | None) -> dict:
     best = T.f1_optimal(scores, labels)
     if best is not None and rec is not None:
         best["normalized"] = T.normalize(best["threshold"], rec)
-    return {"image_score": "the anomaly map's maximum at the model's resolution",
+    return {"image_score": "the anomaly map's maximum at the model's resolution, after a blur of "
+                           "the model's score_sigma",
             "stored": None if rec is None else {k: rec[k] for k in
                                                 ("threshold", "fpr_target", "method", "n_images",
                                                  "fpr_interval", "source")},

@@ -169,10 +169,19 @@ def f1_optimal(scores, labels) -> dict | None:
     return {"threshold": float(t[i]), "f1": float(f1[i]), "precision": float(p[i]), "recall": float(r[i])}
 
 
-def image_scores(maps) -> np.ndarray:
-    """Image scores: each map's maximum ((B, H, W) tensor or array, at the model's resolution)."""
+def image_scores(maps, sigma: float = 0.0) -> np.ndarray:
+    """Image scores: each map's maximum after a Gaussian blur of ``sigma`` pixels ((B, H, W)
+    tensor or array, at the model's resolution; ``sigma`` is the detector's
+    :func:`score_sigma`)."""
     import torch
-    if isinstance(maps, torch.Tensor):
-        return maps.detach().flatten(1).amax(dim=1).cpu().numpy().astype(np.float64)
-    a = np.asarray(maps)
-    return a.reshape(a.shape[0], -1).max(axis=1).astype(np.float64)
+    from .model import gaussian_blur
+    m = torch.as_tensor(maps).detach().float()
+    if sigma > 0:
+        m = gaussian_blur(m[:, None], sigma)[:, 0]
+    return m.flatten(1).amax(dim=1).cpu().numpy().astype(np.float64)
+
+
+def score_sigma(det) -> float:
+    """The blur (px) of a detector's image score; 0 (the plain maximum) for a model without one
+    (the PatchCore baseline)."""
+    return float(getattr(det.cfg, "image_score_sigma", 0.0))

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from . import memory as M
 from . import pose as P
 from .checkpoint import save_json, save_run
 from .model import Detector, ModelConfig
+from .predict import calibrate_fit
 
 Q_LOW, Q_HIGH = 0.9, 0.995   # quantiles of held-out normal maps → 0 and 0.1 (EfficientAD)
 # EfficientAD mines the errors above their 0.999 quantile over 70 000 steps; with a few hundred
@@ -58,6 +60,7 @@ class FitOptions:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
+    fpr: float = 0.01   # the decision threshold's target false-alarm rate (raad.threshold)
 
     def check(self):
         if self.steps < 1:
@@ -72,6 +75,8 @@ class FitOptions:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA GPU is visible on this machine")
+        if not 0 < self.fpr < 0.5:
+            raise ValueError(f"--fpr must be a false-alarm rate between 0 and 0.5 (0.01 = 1 %), got {self.fpr}")
         return self
 
 
@@ -93,9 +98,21 @@ def cache_teacher(det: Detector, images: torch.Tensor, batch: int = 8, show=True
     return torch.cat(stems), torch.cat(targets)
 
 
-def student_losses(det: Detector, stem, target, weight=None):
-    """(student hard loss, autoencoder loss, student–autoencoder loss) on one batch."""
-    s, s_ae = det.student(stem)
+def student_losses(det: Detector, stem, target, weight=None, window=None):
+    """(student hard loss, autoencoder loss, student–autoencoder loss) on one batch.
+    ``window``: (row, column, size) in student tokens: the student sees only that square of the
+    grid (with its own position embeddings); the autoencoder, which decodes the whole grid from
+    one code, still sees the whole stem and is compared on the window."""
+    full_stem = stem
+    if window is not None:
+        y0, x0, n = window
+        p = stem.shape[-1] // target.shape[-1]          # student-input cells per token
+        stem = stem[..., p * y0:p * (y0 + n), p * x0:p * (x0 + n)]
+        target = target[..., y0:y0 + n, x0:x0 + n]
+        if weight is not None:
+            weight = weight[..., y0:y0 + n, x0:x0 + n]
+    with det.student.window_at(None if window is None else window[:2]):
+        s, s_ae = det.student(stem)
     d = (target - s).pow(2)
     if weight is not None:
         d = d * weight[:, None]
@@ -104,26 +121,44 @@ def student_losses(det: Detector, stem, target, weight=None):
     l_st = d[d >= q].mean() + HARD_MIX * d.mean()
     if det.ae is None:
         return l_st, torch.zeros(()), torch.zeros(())
-    a = det.ae(stem)
+    a = det.ae(full_stem)
+    if window is not None:
+        a = a[..., y0:y0 + n, x0:x0 + n]
     l_ae = (target - a).pow(2).mean()
     l_stae = (a.detach() - s_ae).pow(2).mean()
     return l_st, l_ae, l_stae
+
+
+#: Training steps on windows of the token grid: the student's cost grows with the square of its
+#: tokens, so on grids larger than WINDOW tokens a side the first (1 - FULL_SHARE) of the steps
+#: see a random WINDOW × WINDOW square (its own slice of the position embeddings), and the last
+#: FULL_SHARE the whole grid (attention over every token, as when scoring).
+WINDOW = 16
+FULL_SHARE = 0.25
 
 
 def train(det: Detector, stems, targets, steps, lr, batch, seed, params, weights=None, desc="training",
           show=True, ae_trainable=True):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by zero when pct_start * steps == 1 (steps=10 at 0.1)
+    pct = 0.1 if steps != 10 else 0.15
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
     det.student.train()
     if det.ae is not None:
         det.ae.train(ae_trainable)
+    grid = targets.shape[-1]
+    windowed = int(steps * (1 - FULL_SHARE)) if grid > WINDOW else 0
     log = []
     bar = _bar(range(steps), desc, show=show)
     for step in bar:
         idx = torch.randint(0, len(stems), (min(batch, len(stems)),), generator=g)
         w = None if weights is None else weights[idx]
-        l_st, l_ae, l_stae = student_losses(det, stems[idx], targets[idx], w)
+        window = None
+        if step < windowed:
+            y0, x0 = torch.randint(0, grid - WINDOW + 1, (2,), generator=g).tolist()
+            window = (y0, x0, WINDOW)
+        l_st, l_ae, l_stae = student_losses(det, stems[idx], targets[idx], w, window)
         loss = l_st + (l_ae if ae_trainable else 0.0) + l_stae
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,22 +370,46 @@ def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOp
     return log
 
 
+class Stopwatch:
+    """Wall seconds per named stage (``with clock("train"): ...``), for the fit's report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 1)
+
+
 def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> dict:
     """Fit one category; writes the run folder. Returns the fit summary."""
     opts.check()
     t_start = time.perf_counter()
-    prep = prepare(category_dir, cfg, opts, show)
+    clock = Stopwatch()
+    with clock("prepare"):   # images, layout, teacher features, memory
+        prep = prepare(category_dir, cfg, opts, show)
+    with clock("train"):
+        train_log = train_float(prep, opts, show)
     summary = {"category": prep.category, "train_images": prep.n_train,
                "holdout_images": len(prep.normals), "layout": prep.layout, "memory": prep.memory,
-               "train_log": train_float(prep, opts, show)}
+               "train_log": train_log}
     plan = None
     if opts.avg_bits != hqs.FLOAT_BITS:
-        plan, scores = hqs_plan(prep, opts, show)
+        with clock("hqs"):
+            plan, scores = hqs_plan(prep, opts, show)
         save_json(Path(run_dir) / "hqs.json", hqs.details(scores))
-        summary["stage2_log"] = quantize_and_finetune(prep, prep.det, plan, opts, stage2=True, show=show)
+        with clock("quantize_stage2"):
+            summary["stage2_log"] = quantize_and_finetune(prep, prep.det, plan, opts, stage2=True, show=show)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    summary["stage_seconds"] = clock.seconds
     save_run(run_dir, prep.det, fit=asdict(opts), plan=plan,
              extra={"summary": {k: v for k, v in summary.items() if not k.endswith("_log")}})
+    # the decision threshold, from the held-out normals' image scores (raad.predict, raad.threshold)
+    summary["threshold"] = calibrate_fit(run_dir, category_dir, opts, show)
     save_json(Path(run_dir) / "fit_log.json", summary)
     return summary
 
