@@ -1,10 +1,10 @@
 """A nearest-neighbour memory of fine features, beside the student and the autoencoder.
 
 The student regresses stride-8 features and reads the stride-4 stem, so it partly reproduces a
-thin scratch or a faint stain (README: the copying measured on defect/twin pairs). A memory of
+thin scratch or a faint stain (docs/history/raad.md). A memory of
 what normal images look like at a finer scale does not: each cell of a test image is scored by
 its distance to the nearest cell of the training images (as PatchCore), in three representations
-that see different defects (``benchmarks/raad_feature_probe.py``):
+that see different defects (``studies/raad_feature_probe.py``):
 
 * ``fine``: EfficientNet-Lite0 block 1 (stride 4, 24 channels): scratches, edges, texture;
 * ``colour``: the image's 4×4 mean colour, averaged over 3×3 cells: stains, soft blotches;
@@ -15,9 +15,7 @@ Each is whitened on the training cells (:meth:`FeatureMemory.build`), and its di
 quantile-normalised on held-out normal images like the detector's maps (0 at ``Q_LOW``, 0.1 at
 ``Q_HIGH``); the memory's map is the maximum of the three. The outermost ring of cells has its
 own quantiles: zero padding makes its features noisier, and the image score is the map's
-maximum. What the line cells and the whitening changed (2026-12-05, both synthetic data sets,
-plan, image AUROC / AU-PRO): stone 0.902 / 0.796 → 0.977 / 0.921 and 0.872 / 0.793 → 0.987 /
-0.909 (README "Results").
+maximum.
 
 Where the nearest cell is looked for (``mode``):
 
@@ -25,22 +23,15 @@ Where the nearest cell is looked for (``mode``):
   cells (PatchCore's); for textures and for objects in any pose;
 * ``local``: the same search over cells that also carry their place, so a match far from the
   query's own place costs distance; for products with a fixed layout, where a part that is
-  normal elsewhere on the board is an anomaly here (a global memory cannot see a swapped part:
-  pcb swapped 0.92 → 0.71 when averaged in; with the place, 1.00);
+  normal elsewhere on the board is an anomaly here (a global memory cannot see a swapped part);
 * ``auto`` (resolved when fitting): ``local`` when the held-out images find their colour cells
   about as close among the training cells within ``radius`` cells of their own place as among
-  all (99th-percentile distance ratio below ``FIXED_LAYOUT_RATIO``), else ``global``. On the
-  four synthetic categories the ratio was 1.36 on pcb (a board at a fixed place) and 3.2-9.1 on
-  weave, stone and screw.
+  all (99th-percentile distance ratio below ``FIXED_LAYOUT_RATIO``), else ``global``.
 
 The search itself is :mod:`raad_kernels.nearest` (a CPU kernel that never writes the
-query × bank distance matrix; 3× torch's GEMM-then-min on a 2048-cell bank). Under the quantized
-plan the fine search runs at int8 (``int8``; 3.0× the float kernel on AVX-512 VNNI), and so does
-the line search (2.9×). Median distance error against the float search on the demo's test
-images (whitened features): fine 0.3 % on stone, 0.7 % on the screw, 1.7 % on pcb (local, its
-place channels centred for the search; 1.0 % on the farthest 5 % of cells); lines 1.7 % on
-stone, 3.7 % on the screw, 3.0 % on pcb. The plan's image AUROC stayed within 0.002 of the
-float model's in the demo (pcb 0.992 against 0.994).
+query × bank distance matrix). Under the quantized
+plan the fine and line searches run at int8, with a small distance error that leaves
+detection unchanged (figures: docs/history/raad.md).
 """
 
 from __future__ import annotations
@@ -103,8 +94,7 @@ def line_cells(image: torch.Tensor) -> torch.Tensor:
     are sorted, largest first: the profile over directions (one strong direction: a line; all
     alike: a speck) without the direction itself, so a texture seen at another angle (weave's
     threads) is no anomaly. ImageNet features at 128 px blur a 1-2 px crack into the grain
-    around it (stone's cracks, block 1 alone: 0.79 image AUROC); this sees them (README
-    "Results"). :mod:`raad_kernels.lines` computes it (a CPU kernel; its torch specification)."""
+    around it; this sees them. :mod:`raad_kernels.lines` computes it (a CPU kernel; its torch specification)."""
     std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
     grey = (image * std).mean(1)   # the luminance up to a constant, which no filter sees
     key = (image.dtype, image.device)
@@ -170,8 +160,7 @@ class FeatureMemory(nn.Module):
     distance²: the same search as ``global``, and a part that belongs elsewhere is far. Line
     cells are searched anywhere in both modes: a crack or a scratch is one wherever it is, and a
     part in the wrong place shows in the other two (and without place channels, which would set
-    its one int8 scale, the plan's line search can run at int8: 21 % median distance error with
-    them on pcb)."""
+    its one int8 scale, the plan's line search can run at int8)."""
 
     REPS = ("fine", "colour", "lines")
     PLACED = ("fine", "colour")   # the representations that carry their place in local mode
@@ -217,9 +206,8 @@ class FeatureMemory(nn.Module):
         ``WHITEN_FLOOR`` of the largest), not only standardised per channel, so the distance is
         a Mahalanobis-like one (as PaDiM's): a texture's colour varies mostly along one axis
         (stone's mottling: light and dark), and a stain that changes the hue lies far off that
-        axis but close in plain RGB distance (stone's stains, colour map alone: 0.87 → 1.00
-        image AUROC, AU-PRO 0.68 → 0.90); correlated channels of the block-1 and line features
-        no longer count twice (README "Results")."""
+        axis but close in plain RGB distance; correlated channels of the block-1 and line
+        features no longer count twice (figures: docs/history/raad.md)."""
         for rep in self.REPS:
             x = feats[rep]
             getattr(self, f"{rep}_mean").copy_(x.mean((0, 2, 3), keepdim=True))

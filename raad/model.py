@@ -17,14 +17,11 @@ Design (after EfficientAD, with a ViT student):
 * Autoencoder: compresses the stem features to a 64-d code and decodes the teacher targets, so
   it only reproduces what is globally typical (missing or misplaced parts). ``autoencoder``
   "auto" keeps it for objects and leaves it out on textures (raad.pose.decide: nothing stands
-  out from the border), where there is no global layout to model: there its map was noise at
-  the maximum (synthetic stone, autoencoder alone: image AUROC 0.535). Leaving it out, image
-  AUROC / AU-PRO on two synthetic data sets: stone 0.865 -> 0.910 / 0.778 -> 0.797 and 0.865 ->
-  0.870 / 0.774 -> 0.795, weave 0.950 -> 0.959 / 0.920 -> 0.922 and 0.976 -> 0.961 / 0.912 ->
-  0.911 (over four weave fits with two training seeds: mean -0.005 image AUROC, +0.005 AU-PRO,
-  inside the training noise): a gain on stone, neutral on weave.
-* Memory (``raad.memory``, ``memory`` != "off"): nearest-neighbour distances of block 1 and of the
-  local colour to a coreset of training cells; its map is averaged with the other two's mean.
+  out from the border), where there is no global layout to model and its map is noise at the
+  maximum (figures: docs/history/raad.md).
+* Memory (``raad.memory``, ``memory`` != "off"): nearest-neighbour distances of block 1, the
+  local colour and line cells to a coreset of training cells; its map is averaged with the
+  other two's mean.
 * Pose (``raad.pose``, ``align`` "on"): each image is turned to one canonical pose (centroid at
   the centre, principal axis along +x) before all of the above, and its map turned back, so an
   object that lies at any angle gets a fixed layout.
@@ -33,14 +30,12 @@ Design (after EfficientAD, with a ViT student):
   first divided per grid position by a profile from the training images, because the image
   score is the map's maximum and systematic errors at fixed places would set it:
   - the autoencoder's map, everywhere, by its mean (it decodes from a global code, so nothing
-    ties its error to the content; its decoder cannot reproduce a texture's corners: 10× the
-    centre's error on weave);
+    ties its error to the content; its decoder cannot reproduce a texture's corners);
   - the student's map, on the outermost ring of cells only, by its mean relative to the
-    interior's, where that is above 1 (zero padding in the teacher and in the student's
-    convolutions: the weave border's error is 1.13× the interior's, and 15 of 20 normal weave
-    images had their maximum there). The interior is left alone: on an object its per-position
-    error follows the parts, which is where logical defects are; a quiet border (pcb: 0.70×)
-    is not amplified.
+    interior's, where that is above 1 (zero padding makes the border noisier). The interior is
+    left alone: on an object its per-position error follows the parts, which is where logical
+    defects are; a quiet border is not amplified.
+* Image score: the map's maximum after a blur of ``score_sigma`` pixels (see ModelConfig).
 """
 
 from __future__ import annotations
@@ -148,7 +143,7 @@ class EffNetTeacher(nn.Module):
         self.eval()
         self._fold_batchnorm()
         # NHWC convolutions and in-place ReLU6 (each activation otherwise allocates and fills a
-        # fresh NHWC tensor): 8 images at 128 px, 2 threads, 21.7 ms → 5.3 ms for the same values
+        # fresh NHWC tensor): the same values, several times faster (docs/history/raad.md)
         self.to(memory_format=torch.channels_last)
         for m in self.modules():
             if isinstance(m, nn.ReLU6):
@@ -165,8 +160,8 @@ class EffNetTeacher(nn.Module):
         for owner, conv, bn in pairs:
             setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
             setattr(owner, bn, nn.Identity())
-        # "same" padding as the convolution's own, so no padded copy of the input is made (an
-        # 8x96x65x65 copy was 2.7 of 25 ms per batch). The stride-2 convolutions pad one more
+        # "same" padding as the convolution's own, so no padded copy of the input is made (a
+        # tenth of the teacher's time). The stride-2 convolutions pad one more
         # on the right/bottom (l, l+1): that equals a kernel one larger, its first row and
         # column zero, with symmetric padding l+1 (the same windows and products, plus zeros).
         for m in self.modules():

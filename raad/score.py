@@ -288,8 +288,7 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
 
     def paired(k):
         return round(statistics.median(ratios(k)), 3)
-    # a shared host's load moves the ratio itself (2-vCPU Zen 4, 2026-12-05: 1.15-1.20x in busy
-    # spells, 1.29-1.37x in quiet ones, the same code): the spread over the rounds shows it
+    # a shared host's load moves the ratio itself: the spread over the rounds shows it
     spread = [round(float(v), 3) for v in np.percentile(ratios("plan"), [10, 90])]
     out = {"fp32_images_per_s": round(ips["fp32"], 3), "plan_images_per_s": round(ips["plan"], 3),
            "speedup": paired("plan"), "speedup_p10_p90": spread}

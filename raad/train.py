@@ -42,7 +42,7 @@ from .predict import calibrate_fit
 
 Q_LOW, Q_HIGH = 0.9, 0.995   # quantiles of held-out normal maps → 0 and 0.1 (EfficientAD)
 # EfficientAD mines the errors above their 0.999 quantile over 70 000 steps; with a few hundred
-# steps that left the student near the mean (measured: validation MSE 0.7 vs 0.3 at 0.9)
+# steps that leaves the student near the mean (docs/history/raad.md)
 HARD_QUANTILE = 0.9
 HARD_MIX = 0.1   # share of the plain mean in the student loss (moves every patch early on)
 
@@ -51,7 +51,7 @@ HARD_MIX = 0.1   # share of the plain mean in the student loss (moves every patc
 class FitOptions:
     steps: int = 300
     batch_size: int = 8
-    lr: float = 1.5e-3   # 3e-3 before 2026-12-01: weave image AUROC +0.03..+0.06 in 4 of 4 fits, pcb -0.03..0 (README)
+    lr: float = 1.5e-3   # how it was chosen: docs/history/raad.md
     avg_bits: float = 4.0
     stage2_steps: int = 60
     stage2_lr: float = 1e-4

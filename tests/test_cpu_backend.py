@@ -2,7 +2,7 @@
 
 Every kernel path this CPU can run is tested in-process through the extension's ``isa`` argument
 (``portable`` always, ``avx2`` / ``avx512`` when the CPU has them); ``RAAD_CPU_ISA`` is checked
-in a subprocess. The DESIGN.md rule: the backend's error against float64 is at most 1.25× the
+in a subprocess. The docs/design.md rule: the backend's error against float64 is at most 1.25× the
 emulation's (+1e-4) and above the cosine floors on realistic inputs; outputs are poisoned first.
 
 Map tolerances: the kernel computes the maps from the same unquantized probabilities as the

@@ -1,4 +1,4 @@
-"""The CUDA backend (csrc/cuda, extension raad_kernels._cuda) by DESIGN.md's accuracy rule.
+"""The CUDA backend (csrc/cuda, extension raad_kernels._cuda) by docs/design.md's accuracy rule.
 
 Three kinds of test:
 

@@ -3,7 +3,7 @@
 Each architecture is built small, its attention sharpened to a trained ViT's temperature (with
 outlier channels and a K offset) so quantization is actually exercised, then quantized with
 ``raad_kernels.quantize_model``. Checks: parameters shared, 16/16 reproduces the float module,
-the DESIGN.md accuracy rule on every attention call and the logits' cosine against float64,
+the docs/design.md accuracy rule on every attention call and the logits' cosine against float64,
 maps against the float64 reference, state_dict interchange, gradients through the training path,
 inference_mode / autocast / jit.trace / torch.compile.
 """
@@ -270,7 +270,7 @@ def test_accuracy_uniform(arch, bits, monkeypatch):
         cap = Capture(monkeypatch)
         out = q(x)
     assert len(cap.calls) == DEPTH
-    for c in cap.calls:   # DESIGN.md accuracy rule on each attention product
+    for c in cap.calls:   # docs/design.md accuracy rule on each attention product
         assert c["qk_bits"] == bits and c["pv_bits"] == 8
         ref_att = attention_reference(c["q"], c["k"], c["v"], scale=c["scale"], attn_mask=c.get("attn_mask"))[0]
         emu = rk.quant_attention(c["q"], c["k"], c["v"], bits, 8, scale=c["scale"], attn_mask=c.get("attn_mask"),

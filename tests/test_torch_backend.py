@@ -1,4 +1,4 @@
-"""The torch backend (the executable specification) against float64, by DESIGN.md's rule."""
+"""The torch backend (the executable specification) against float64, by docs/design.md's rule."""
 
 import math
 
@@ -29,7 +29,7 @@ def test_floors_on_realistic_inputs(d, qk_bits, pv_bits):
 
 @pytest.mark.parametrize("qk_bits", [8, 4, 2])
 def test_realistic_inputs_need_smoothing_and_rotation(qk_bits):
-    """Without the DESIGN.md techniques low bits collapse on offset/outlier K: they matter."""
+    """Without the docs/design.md techniques low bits collapse on offset/outlier K: they matter."""
     q, k, v = make_qkv(2, 3, 197, 64, seed=7)
     ref = rk.attention_reference(q, k, v)[0]
     good = error(rk.quant_attention(q, k, v, qk_bits=qk_bits, backend="torch"), ref)

@@ -1,4 +1,4 @@
-"""The Triton backend against the torch emulation and the float64 reference (DESIGN.md rule).
+"""The Triton backend against the torch emulation and the float64 reference (docs/design.md rule).
 
 Without a GPU these run under the Triton interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1 before the kernels are imported), so shapes stay small. On a GPU machine the
@@ -32,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _maps_ok(maps, emaps, rmaps, qk_bits, names=MAP_NAMES, floor=True):
-    """The DESIGN.md rule for each map (testing.check_maps) and, since the kernel computes the
+    """The docs/design.md rule for each map (testing.check_maps) and, since the kernel computes the
     same quantized scores as the emulation, agreement with the emulation's maps to fp32 rounding
     (testing.check_maps_agree: but for rare codes flipped at a rounding tie).
 
@@ -141,7 +141,7 @@ def test_quantize_v_matches_quant(dv, dtype):
 # Attention: the accuracy rule
 # --------------------------------------------------------------------------------------------
 
-# (qk_bits, pv_bits, dtype, D, Nq, Nk): every bit pair, every dtype, the DESIGN.md head dims.
+# (qk_bits, pv_bits, dtype, D, Nq, Nk): every bit pair, every dtype, the docs/design.md head dims.
 CASES = [
     (8, 16, "fp16", 64, 37, 37),
     (8, 8, "fp32", 80, 70, 70),

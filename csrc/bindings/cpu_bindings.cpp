@@ -1,5 +1,5 @@
 // Python bindings of the CPU extension. Kernels live in csrc/cpu and take raw pointers; this file
-// validates arguments (errors name the argument: ValueError / TypeError as DESIGN.md asks) and
+// validates arguments (errors name the argument: ValueError / TypeError as docs/design.md asks) and
 // hands strided views to the kernels, which read non-contiguous and 16-bit inputs directly: no
 // input is copied or converted up front.
 #include <torch/extension.h>
