@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from . import threshold as T
 from . import viz
-from .checkpoint import (CONFIG, PLAN, WEIGHTS, RunError, load_run, read_calibration,
+from .checkpoint import (PLAN, WEIGHTS, RunError, load_run, read_calibration,
                          read_config, save_json, save_threshold, stored_threshold, threshold_for,
                          threshold_key)
 from .io import atomic_write_text
@@ -170,9 +170,12 @@ def _stat(path: str) -> list[int] | None:
 
 
 def run_id(run_dir) -> str:
-    """A digest of the run's config, plan and weights (what a resumed prediction must match)."""
+    """A digest of the run's config (its threshold aside: a resume checks that on its own),
+    plan and weights: what a resumed prediction must match."""
     h = hashlib.sha256()
-    for name in (CONFIG, PLAN, WEIGHTS):
+    config = {k: v for k, v in read_config(run_dir).items() if k != "threshold"}
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in (PLAN, WEIGHTS):
         p = Path(run_dir) / name
         if p.is_file():
             with open(p, "rb") as f:

@@ -186,6 +186,15 @@ def test_resume_after_an_interruption_keeps_the_work_and_the_scores(fitted, tmp_
                  "--quiet"]) == 0
     rows = _rows(out)
     assert len(rows) == n and rows[0]["score"] != _rows(ref)[0]["score"]
+    # nor after `raad calibrate` moved the threshold (the normalised scores and decisions)
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine)
+    out2 = tmp_path / "out2"
+    assert main(["predict", str(mine), str(src), "--out", str(out2), "--quiet"]) == 0
+    assert main(["calibrate", str(mine), str(src / "good"), "--fpr", "0.2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(mine), str(src), "--out", str(out2), "--resume", "--quiet"]) == 2
+    assert "another threshold" in capsys.readouterr().err
 
 
 def test_a_run_without_a_threshold_asks_for_calibrate_and_score_still_works(fitted, tmp_path, capsys):
