@@ -571,10 +571,12 @@ def check_generator_args(kind: str, known, cats, n_train: int, n_test_good: int,
 
 
 def write_categories(out_root: Path, names: Sequence[str], overwrite: bool,
-                     fill: Callable[[str, Path], None]) -> list[Path]:
+                     fill: Callable[[str, Path], None],
+                     before_install: Callable[[], None] | None = None) -> list[Path]:
     """Each category built by ``fill(name, folder)`` in a hidden temporary folder inside
     ``out_root``, then all renamed into place (an existing one replaced only with
-    ``overwrite``); a failure leaves the existing folders as they were."""
+    ``overwrite``); a failure, in ``fill`` or in ``before_install`` (called once all are
+    built), leaves the existing folders as they were."""
     _check_targets(out_root, names, overwrite)
     out_root.mkdir(parents=True, exist_ok=True)
     temps: dict[str, Path] = {}
@@ -582,6 +584,8 @@ def write_categories(out_root: Path, names: Sequence[str], overwrite: bool,
         for name in names:
             temps[name] = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_root))
             fill(name, temps[name])
+        if before_install is not None:
+            before_install()
         for name in names:
             _install(temps.pop(name), out_root / name)
     finally:

@@ -12,8 +12,6 @@ swapped) change the parameters and render again. :func:`synth_sample` draws one 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage, signal
 
-from .dataset import GOOD, DataError, _json, check_generator_args, write_categories, write_samples
+from .dataset import GOOD, _json, check_generator_args, write_categories, write_samples
 from .io import atomic_write_text
 
 __all__ = ["SYNTHETIC_CATEGORIES", "SYNTHETIC_VERSION", "DEFECT_DESCRIPTIONS", "make_synthetic",

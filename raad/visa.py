@@ -6,14 +6,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from .dataset import DataError, _check_targets, _decode, _install, _json, validate
+from .dataset import DataError, _decode, _json, validate, write_categories
 from .io import atomic_save_image, atomic_write_text
 
 __all__ = ["convert_visa", "VISA_CSV"]
@@ -116,56 +115,49 @@ def convert_visa(visa_root: str | os.PathLike, out_root: str | os.PathLike,
         raise DataError(problems, root=visa_root)
 
     names = sorted(plans)
-    _check_targets(out_root, names, overwrite)
-    out_root.mkdir(parents=True, exist_ok=True)
-    temps: dict[str, Path] = {}
-    try:
-        for obj in names:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{obj}.tmp-", dir=out_root))
-            temps[obj] = tmp
-            n = {"train/good": 0, "test/good": 0, "test/bad": 0}
-            origin: dict[str, tuple[int, Path]] = {}   # converted file -> (CSV line, source)
-            for line, src, dst, mask_src in plans[obj]:
-                target = tmp / dst
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, target)
-                n[dst.rsplit("/", 1)[0]] += 1
-                origin[dst] = (line, src)
-                if mask_src is not None:
-                    origin[f"ground_truth/bad/{src.stem}_mask.png"] = (line, mask_src)
-                if mask_src is None:
-                    continue
-                mim, err = _decode(mask_src)
-                if err:
-                    problems.append((csv_path, f"line {line}: mask {mask_src}: {err}"))
-                    continue
-                arr = np.asarray(mim)
-                if arr.ndim == 3:
-                    arr = arr.any(axis=-1) if arr.shape[-1] < 4 else arr[..., :3].any(axis=-1)
-                m = np.where(arr != 0, 255, 0).astype(np.uint8)
-                atomic_save_image(tmp / "ground_truth" / "bad" / f"{src.stem}_mask.png",
-                                  Image.fromarray(m, mode="L"))
-            atomic_write_text(tmp / "meta.json", _json({
-                "category": obj, "source": "VisA", "split_file": VISA_CSV.as_posix(),
-                "counts": n, "defects": {"bad": "VisA anomaly (all types together)"},
-                "mask_rule": "VisA mask nonzero -> 255"}))
-            if check and not problems:
-                try:
-                    validate(tmp)
-                except DataError as e:
-                    for p, msg in e.problems:
-                        rel = (p.relative_to(tmp) if p is not None else Path()).as_posix()
-                        if rel in origin:
-                            line, src = origin[rel]
-                            problems.append((src, f"{where} line {line}: {msg} (converted to "
-                                                  f"{obj}/{rel})"))
-                        else:
-                            problems.append((out_root / obj / rel, f"{msg} (after conversion)"))
+
+    def fill(obj: str, tmp: Path) -> None:
+        n = {"train/good": 0, "test/good": 0, "test/bad": 0}
+        origin: dict[str, tuple[int, Path]] = {}   # converted file -> (CSV line, source)
+        for line, src, dst, mask_src in plans[obj]:
+            target = tmp / dst
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+            n[dst.rsplit("/", 1)[0]] += 1
+            origin[dst] = (line, src)
+            if mask_src is not None:
+                origin[f"ground_truth/bad/{src.stem}_mask.png"] = (line, mask_src)
+            if mask_src is None:
+                continue
+            mim, err = _decode(mask_src)
+            if err:
+                problems.append((csv_path, f"line {line}: mask {mask_src}: {err}"))
+                continue
+            arr = np.asarray(mim)
+            if arr.ndim == 3:
+                arr = arr.any(axis=-1) if arr.shape[-1] < 4 else arr[..., :3].any(axis=-1)
+            m = np.where(arr != 0, 255, 0).astype(np.uint8)
+            atomic_save_image(tmp / "ground_truth" / "bad" / f"{src.stem}_mask.png",
+                              Image.fromarray(m, mode="L"))
+        atomic_write_text(tmp / "meta.json", _json({
+            "category": obj, "source": "VisA", "split_file": VISA_CSV.as_posix(),
+            "counts": n, "defects": {"bad": "VisA anomaly (all types together)"},
+            "mask_rule": "VisA mask nonzero -> 255"}))
+        if check and not problems:
+            try:
+                validate(tmp)
+            except DataError as e:
+                for p, msg in e.problems:
+                    rel = (p.relative_to(tmp) if p is not None else Path()).as_posix()
+                    if rel in origin:
+                        line, src = origin[rel]
+                        problems.append((src, f"{where} line {line}: {msg} (converted to "
+                                              f"{obj}/{rel})"))
+                    else:
+                        problems.append((out_root / obj / rel, f"{msg} (after conversion)"))
+
+    def refuse_on_problems() -> None:
         if problems:
             raise DataError(problems, root=visa_root)
-        for obj in names:
-            _install(temps.pop(obj), out_root / obj)
-    finally:
-        for tmp in temps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return [out_root / obj for obj in names]
+
+    return write_categories(out_root, names, overwrite, fill, before_install=refuse_on_problems)

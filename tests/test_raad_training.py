@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raad.model import Detector, ModelConfig
-from raad.train import FULL_SHARE, WINDOW, FitOptions, train
+from raad.train import FULL_SHARE, WINDOW, train
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=1, autoencoder="off", memory="off", align="off")
 
