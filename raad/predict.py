@@ -232,7 +232,8 @@ class Scorer:
         if ok:
             x = torch.stack([model_input(im, self.size) for im in images]).to(self.device)
             maps = self.det(x).float().cpu()
-            scores = T.image_scores(maps, T.score_sigma(self.det))
+            maps = T.score_maps(maps, T.score_sigma(self.det))   # what the score is the maximum of
+            scores = T.image_scores(maps)
             r = self.rec
             for s, img, m, score in zip(ok, images, maps.numpy(), scores):
                 score = float(score)

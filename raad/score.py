@@ -93,7 +93,8 @@ def score_category(run_dir, category_dir, out_dir, precision="plan", backend="au
     atomic_save_npz(out / "maps.npz", {it.key: m for it, m in zip(items, maps)})
     save_json(out / "metrics.json", result)
     if overlays:
-        write_overlays(out, items, maps, masks, show=show, threshold=rec, scores=scores)
+        write_overlays(out, items, maps, masks, show=show, threshold=rec, scores=scores,
+                       sigma=T.score_sigma(det) / det.cfg.image_size)
     return result
 
 
@@ -114,12 +115,14 @@ def decision_metrics(scores, labels, rec: dict | None) -> dict:
 
 
 def write_overlays(out: Path, items, maps, masks, show=True, threshold: dict | None = None,
-                   scores=None):
+                   scores=None, sigma: float = 0.0):
     """One heatmap overlay per test image and a report page. With the run's ``threshold``
     record: the image beside its map coloured on the calibrated scale (the threshold at the
     colour map's middle, :func:`raad.viz.prediction_panel`), at the image's own resolution (at
-    least 256 px). Without (a run fitted before thresholds): one colour range shared by the set
-    (the normal images' median up to the overall maximum)."""
+    least 256 px), blurred as the image score is (``sigma``: the score's blur as a share of the
+    map's height) so that what it marks at or above the threshold is what decided. Without (a
+    run fitted before thresholds): one colour range shared by the set (the normal images'
+    median up to the overall maximum)."""
     if threshold is None:
         good = [m for it, m in zip(items, maps) if it.label == 0]
         vmin = float(np.percentile(np.concatenate([m.ravel() for m in good]), 50)) if good else 0.0
@@ -135,7 +138,8 @@ def write_overlays(out: Path, items, maps, masks, show=True, threshold: dict | N
             viz.save_overlay(path, image, m, mk if it.label else None, vmin=vmin, vmax=vmax)
         else:
             title = f"{T.decide(s, threshold).upper()}  score {s:.4g} ({T.normalize(s, threshold):.3f})  {it.key}"
-            viz.save_prediction_panel(path, image, m, threshold["threshold"], threshold["min"],
+            shown = T.score_maps(m[None], sigma * m.shape[0])[0].numpy() if sigma > 0 else m
+            viz.save_prediction_panel(path, image, shown, threshold["threshold"], threshold["min"],
                                       threshold["max"], mk if it.label else None, title=title)
         entries.append(viz.ReportEntry(path, it.key, s, it.defect))
     viz.write_report(out, entries, title=f"RAAD anomaly maps: {items[0].path.parents[2].name if items else ''}")

@@ -169,16 +169,23 @@ def f1_optimal(scores, labels) -> dict | None:
     return {"threshold": float(t[i]), "f1": float(f1[i]), "precision": float(p[i]), "recall": float(r[i])}
 
 
-def image_scores(maps, sigma: float = 0.0) -> np.ndarray:
-    """Image scores: each map's maximum after a Gaussian blur of ``sigma`` pixels ((B, H, W)
-    tensor or array, at the model's resolution; ``sigma`` is the detector's
-    :func:`score_sigma`)."""
+def score_maps(maps, sigma: float = 0.0):
+    """The maps an image score is the maximum of: ``maps`` ((B, H, W) tensor or array, at the
+    model's resolution) after a Gaussian blur of ``sigma`` pixels (the detector's
+    :func:`score_sigma`), as a float tensor. The calibrated overlays show these, so that what
+    they mark at or above the threshold is what decided."""
     import torch
     from .model import gaussian_blur
     m = torch.as_tensor(maps).detach().float()
     if sigma > 0:
         m = gaussian_blur(m[:, None], sigma)[:, 0]
-    return m.flatten(1).amax(dim=1).cpu().numpy().astype(np.float64)
+    return m
+
+
+def image_scores(maps, sigma: float = 0.0) -> np.ndarray:
+    """Image scores: each map's maximum after a Gaussian blur of ``sigma`` pixels (see
+    :func:`score_maps`)."""
+    return score_maps(maps, sigma).flatten(1).amax(dim=1).cpu().numpy().astype(np.float64)
 
 
 def score_sigma(det) -> float:
