@@ -518,8 +518,10 @@ def real_sample(category: str, split: str, defect: str, index: int, *, seed: int
     if defect == D.GOOD or not apply_defect:
         return clean_u8, mask
     grey = is_grey(category)
-    frng = np.random.default_rng([int(seed), _stable_id(category), 7, int(index)])
-    ctx = {"grey": grey, "foreign": crop(_FOREIGN[category], "train", frng, int(size))}
+    ctx = {"grey": grey}
+    if defect == "contamination":   # another photograph's surface, from a stream of its own
+        frng = np.random.default_rng([int(seed), _stable_id(category), 7, int(index)])
+        ctx["foreign"] = crop(_FOREIGN[category], "train", frng, int(size))
     labels = _parts(category, clean)
     if labels is not None:
         ctx["part_labels"] = labels

@@ -106,6 +106,16 @@ def _resize_float(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
                       .resize((hw[1], hw[0]), Image.Resampling.BILINEAR), dtype=np.float64)
 
 
+def _mask_at(mask, hw) -> np.ndarray:
+    """A 2-D mask as bool at ``hw`` (height, width), resized by nearest neighbour."""
+    m = np.asarray(mask).astype(bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask: expected a 2-D mask, got shape {m.shape}")
+    if m.shape != hw:
+        m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.Resampling.NEAREST))
+    return m
+
+
 def overlay(image, amap, mask=None, *, vmin: float | None = None, vmax: float | None = None,
             alpha: float = 0.5, cmap: str = "turbo",
             contour_color: tuple[int, int, int] = (255, 255, 255), contour_width: int = 1,
@@ -126,11 +136,7 @@ def overlay(image, amap, mask=None, *, vmin: float | None = None, vmax: float | 
     base = np.asarray(img, dtype=np.float64)
     out = (1 - alpha) * base + alpha * heat
     if mask is not None:
-        m = np.asarray(mask).astype(bool)
-        if m.ndim != 2:
-            raise ValueError(f"mask: expected a 2-D mask, got shape {m.shape}")
-        if m.shape != hw:
-            m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.Resampling.NEAREST))
+        m = _mask_at(mask, hw)
         edge = m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3), bool), border_value=0)
         if contour_width > 1:
             edge = ndimage.binary_dilation(edge, iterations=contour_width - 1)
@@ -299,11 +305,7 @@ def calibrated_overlay(image, amap, threshold: float, vmin: float, vmax: float, 
     if outline is not None:
         out[_outline(a >= threshold, width)] = outline
     if mask is not None:
-        m = np.asarray(mask).astype(bool)
-        if m.ndim != 2:
-            raise ValueError(f"mask: expected a 2-D mask, got shape {m.shape}")
-        if m.shape != hw:
-            m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.Resampling.NEAREST))
+        m = _mask_at(mask, hw)
         out[_outline(m, width)] = mask_color
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 

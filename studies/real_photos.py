@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def run(argv=None) -> dict:
         print(f"{c}: " + "  ".join(f"{k} {row[k]['image_auroc']:.3f}/{row[k]['aupro']:.3f}"
                                    for k in ("fp32", "plan", "patchcore")), flush=True)
     torch_threads = torch.get_num_threads()
-    report = {"settings": {"model": cfg.to_dict(), "fit": vars(opts) if hasattr(opts, "__dict__") else {},
+    report = {"settings": {"model": cfg.to_dict(), "fit": asdict(opts),
                            "threads": torch_threads, "set_version": R.REAL_VERSION},
               "categories": results}
     save_json(out / "real_photos.json", report)
