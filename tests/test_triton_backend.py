@@ -7,6 +7,7 @@ same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -28,6 +29,7 @@ if not tb.status().runnable:
 from raad_kernels.triton import flash, quantize  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -294,6 +296,207 @@ def test_poisoned_outputs_fully_written(qk_bits, pv_bits, dtype):
     out2 = poison_(torch.empty_like(out))
     o2, _ = tb.attention(q, k, v, qk_bits=qk_bits, pv_bits=pv_bits, scale=80 ** -0.5, out=out2)
     assert o2 is out2 and torch.isfinite(out2).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The fused path: K/V preparation in one launch, Q quantized inside the attention kernel
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kv_chunks(monkeypatch):
+    """Set how many programs per (batch, head) prepare K and V under the interpreter (the GPU
+    uses more than one at long sequences); a fresh plan cache so the setting takes effect."""
+    def set_chunks(n):
+        monkeypatch.setattr(flash, "INTERPRET_CHUNKS", n)
+        monkeypatch.setattr(flash, "_PLANS", {})
+    return set_chunks
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("d,dtype,smooth,rotate", [
+    (32, "fp16", True, None), (64, "bf16", True, None), (128, "fp32", True, None),
+    (40, "fp32", True, False), (38, "fp16", False, False), (16, "fp32", True, None),
+])
+def test_fused_workspace_matches_row_kernels(bits, d, dtype, smooth, rotate, chunks, kv_chunks):
+    """What the fused kernels leave in the workspace: Q's codes (written by the attention
+    kernel) are the row kernel's (quantize_qk) bit for bit, K's and V's pass quant.py's rule,
+    and the V column sums are exact."""
+    kv_chunks(chunks)
+    nk = 150
+    q, k, v = make_qkv(1, 2, 37, d, nk=nk, dv=d + 3, dtype=DTYPES[dtype], device=DEV, seed=d + bits)
+    dbg = {}
+    flash.forward(q, k, v, qk_bits=bits, pv_bits=8, scale=d ** -0.5, smooth_k=smooth, rotate=rotate,
+                  debug=dbg, block_n=32)
+    qc, qs, _, _, d_eff, _ = quantize.quantize_qk(q, k, bits, smooth=smooth, rotate=rotate)
+    if bits == 8 or INTERPRETED:  # absmax scales do not depend on reduction order; rms sums do
+        assert torch.equal(dbg["q_codes"], qc) and torch.equal(dbg["q_scale"], qs)
+    ref = quant.prepare_qk(q.cpu(), k.cpu(), bits, smooth=smooth, rotate_qk=rotate)
+    _compare_codes(dbg["q_codes"], dbg["q_scale"], ref.q_codes, ref.q_scale, bits, d_eff)
+    _compare_codes(dbg["k_codes"], dbg["k_scale"], ref.k_codes, ref.k_scale, bits, d_eff)
+    rv = quant.prepare_v(v.cpu())
+    vc = dbg["v_codes"]
+    same = (vc[..., :d + 3].cpu() == rv.codes).float().mean().item()
+    assert same >= 0.999, same
+    assert (vc[..., d + 3:] == 0).all()
+    torch.testing.assert_close(dbg["v_scale"][..., :d + 3].cpu(), rv.scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dbg["v_mean"][..., :d + 3].cpu(), rv.mean, rtol=1e-5, atol=1e-6)
+    sums = torch.nn.functional.pad(vc.int(), (0, 0, 0, (-nk) % 32)).view(1, 2, -1, 32, vc.shape[-1]).sum(-2)
+    assert torch.equal(dbg["v_sums"], sums)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("qk_bits,pv_bits", [(8, 8), (8, 16), (4, 8), (4, 16), (2, 8), (2, 16)])
+def test_fused_accuracy_head_dims(qk_bits, pv_bits, d, kv_chunks):
+    """The accuracy rule at the common head dims, odd lengths, several K/V chunks and key blocks
+    per head, with the entropy map (computed in the same pass) and a key-padding mask."""
+    kv_chunks(2)
+    q, k, v = make_qkv(1, 2, 67, d, nk=131, dtype=torch.float16, device=DEV, seed=d + qk_bits)
+    run_case(q, k, v, qk_bits, pv_bits, maps=("entropy",))
+    keep = torch.ones(1, 1, 1, 131, dtype=torch.bool, device=DEV)
+    keep[..., 100:] = False
+    run_case(q, k, v, qk_bits, pv_bits, maps=("entropy",), attn_mask=keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Launches and host synchronisation of one call
+# --------------------------------------------------------------------------------------------
+
+class _LaunchCounter:
+    """Counts kernel launches: every launch goes through ``run`` of the kernels' class (the JIT
+    function on a GPU, InterpretedFunction under the interpreter; the autotuner ends there too)."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        cls = type(flash._attn_fwd_kernel)
+        orig = cls.run
+        counter = self
+
+        def run(self_, *args, **kwargs):
+            counter.names.append(self_.__name__ if hasattr(self_, "__name__") else str(self_))
+            return orig(self_, *args, **kwargs)
+        monkeypatch.setattr(cls, "run", run)
+
+
+@pytest.mark.parametrize("maps,mask,limit", [
+    ((), None, 2), (("entropy",), None, 2), (("entropy",), "keys", 2), ((), "general", 2),
+    (MAP_NAMES, None, 3), (("received",), "keys", 3),
+])
+@pytest.mark.parametrize("pv_bits", [8, 16])
+def test_launches_per_call(maps, mask, limit, pv_bits, monkeypatch):
+    q, k, v = make_qkv(2, 2, 37, 64, nk=45, dtype=torch.float16, device=DEV, seed=4)
+    attn_mask = None
+    if mask == "keys":
+        attn_mask = torch.ones(2, 1, 1, 45, dtype=torch.bool, device=DEV)
+        attn_mask[1, ..., 30:] = False
+    elif mask == "general":
+        attn_mask = _masks(2, 2, 37, 45)[0]
+    rk.quant_attention(q, k, v, pv_bits=pv_bits, backend="triton", return_maps=maps or None,
+                       attn_mask=attn_mask)  # warm: compiles, plans
+    count = _LaunchCounter(monkeypatch)
+    rk.quant_attention(q, k, v, pv_bits=pv_bits, backend="triton", return_maps=maps or None,
+                       attn_mask=attn_mask)
+    assert len(count.names) <= limit, count.names
+    assert count.names[:2] == ["_prep_kv_kernel", "_attn_fwd_kernel"], count.names
+
+
+class SyncOnCallPath(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Makes every tensor → host read raise while the backend's Python code runs (not inside the
+    interpreter's kernel execution, which reads host memory by design): ``.item()``,
+    ``.tolist()``, ``bool()``/``int()``/``float()`` of a tensor (Python branching on values),
+    ``.cpu()``, ``.numpy()``, ``nonzero``, ``torch.cuda.synchronize``. A CUDA graph capture
+    fails on any of these; this proves their absence without a GPU."""
+    inside, armed = [0], [False]
+
+    def guard(name, orig):
+        def f(*a, **kw):
+            if armed[0] and not inside[0]:
+                raise SyncOnCallPath(f"{name} on the call path")
+            return orig(*a, **kw)
+        return f
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, guard(f"Tensor.{name}", getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "nonzero", guard("torch.nonzero", torch.nonzero))
+    monkeypatch.setattr(torch.cuda, "synchronize", guard("torch.cuda.synchronize", torch.cuda.synchronize))
+    cls = type(flash._attn_fwd_kernel)
+    orig_run = cls.run
+
+    def run(self_, *args, **kwargs):
+        inside[0] += 1
+        try:
+            return orig_run(self_, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+    monkeypatch.setattr(cls, "run", run)
+
+    @contextlib.contextmanager
+    def armed_():
+        armed[0] = True
+        try:
+            yield
+        finally:
+            armed[0] = False
+    return armed_
+
+
+@pytest.mark.parametrize("maps,mask", [((), None), (MAP_NAMES, "keys"), (("entropy",), "general")])
+def test_no_host_sync_on_the_call_path(maps, mask, no_host_sync):
+    q, k, v = make_qkv(1, 2, 37, 64, nk=45, dtype=torch.float16, device=DEV, seed=6)
+    attn_mask = None
+    if mask == "keys":
+        attn_mask = torch.ones(1, 1, 1, 45, dtype=torch.bool, device=DEV)
+    elif mask == "general":
+        attn_mask = torch.zeros(37, 45, device=DEV)
+    for backend in ("triton", "auto") if DEV == "cuda" else ("triton",):
+        rk.quant_attention(q, k, v, backend=backend, return_maps=maps or None, attn_mask=attn_mask)
+        with no_host_sync():  # the second call: the first one compiles and plans
+            out = rk.quant_attention(q, k, v, backend=backend, return_maps=maps or None,
+                                     attn_mask=attn_mask)
+    with no_host_sync(), pytest.raises(SyncOnCallPath):  # the guard itself works
+        bool(q.sum() > 0)
+    assert torch.isfinite(out[0] if maps else out).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend,keep_maps", [("triton", False), ("triton", True), ("auto", False)])
+def test_cuda_graph_capture_replays_eager(backend, keep_maps):
+    """QuantAttention's forward (nn.MultiheadAttention taken over) captured in a CUDA graph and
+    replayed on new inputs gives the eager result (``auto``: whatever the speed table picks)."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(128, 2, batch_first=True).cuda().half().eval()
+    from raad_kernels.nn import QuantAttention
+    qa = QuantAttention.from_module(mha, 8, 8, backend=backend)
+    qa.keep_maps = keep_maps
+    x = torch.randn(4, 197, 128, device="cuda", dtype=torch.float16)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
+        for _ in range(3):  # compile and plan outside the capture
+            qa(static_x, static_x, static_x, need_weights=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        static_out, _ = qa(static_x, static_x, static_x, need_weights=False)
+    previous = static_out.clone()
+    for seed in (1, 2):
+        new = torch.randn(4, 197, 128, device="cuda", dtype=torch.float16,
+                          generator=torch.Generator("cuda").manual_seed(seed))
+        static_x.copy_(new)
+        g.replay()
+        with torch.no_grad():
+            eager, _ = qa(new, new, new, need_weights=False)
+        torch.cuda.synchronize()
+        # the same kernels on the same inputs (the projections' GEMMs may pick another cuBLAS
+        # algorithm under capture, hence a tolerance); and the replay did recompute
+        torch.testing.assert_close(static_out, eager, rtol=1e-2, atol=1e-2)
+        assert not torch.equal(static_out, previous)
+        previous = static_out.clone()
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,9 @@ def _sig(fn, types: dict, constexprs: dict) -> dict:
 #: Integer arguments Triton's launcher would typically specialize as 1 (unit inner strides)
 #: or see as multiples of 16 (outer strides of contiguous (B, H, N, D) tensors with D % 16 == 0).
 _ONE = {"svd", "sod", "smn", "sqd", "skd"}
-_DIV16 = {"svb", "svh", "svn", "sob", "soh", "som", "sqb", "sqh", "sqn", "skb", "skh", "skn"}
+_DIV16 = {"svb", "svh", "svn", "sob", "soh", "som", "sqb", "sqh", "sqn", "skb", "skh", "skn",
+          # workspace offsets: sections start on 128-byte boundaries (flash.layout)
+          "OFF_KS", "OFF_VC", "OFF_VS", "OFF_VM", "OFF_VSUM", "OFF_QC", "OFF_QS", "OFF_LSE", "CHUNK"}
 
 
 def _compile(fn, types, constexprs, arch, num_warps=4, num_stages=2):
@@ -121,20 +123,20 @@ def compile_fwd(v, arch, capability, maps=True, mask="bool", cfg=None, received=
     dpt, dvp, qk, pv, dt = v["dpt"], v["dvp"], v["qk"], v["pv"], v["dt"]
     bm, bn, nw, ns = cfg or flash._gpu_blocks(dpt, dvp, pv, capability, mask == "bool")
     types = {
-        "Qc": "*i8", "Qs": "*fp32", "Kc": "*i8", "Ks": "*fp32",
-        "V": "*i8" if pv == 8 else _ptr(dt), "Vs": "*fp32", "Vm": "*fp32", "Vsum": "*i32",
-        "Mask": "*i8" if mask in ("bool", "keys") else "*fp32", "Out": _ptr(dt), "Lse": "*fp32",
+        "Q": _ptr(dt), "W": "*i8", "V": _ptr(dt), "Grid": "*fp32",
+        "Mask": "*i8" if mask in ("bool", "keys") else "*fp32", "Out": _ptr(dt),
         "Ent": "*fp32", "qk_scale": "fp32",
     }
-    cx = dict(QK_BITS=qk, PV_BITS=pv, DPT=dpt, D_EFF=dpt if qk != 2 else max(16, dpt // 2),
-              DVP=dvp, HAS_MASK={None: 0, "keys": 1}.get(mask, 2), MASK_BOOL=mask in ("bool", "keys"),
+    d_eff = dpt if qk != 2 else max(16, dpt // 2)  # int2: a padded tail masked on the Q side
+    cx = dict(QK_BITS=qk, PV_BITS=pv, DPT=dpt, D_EFF=d_eff, DVP=dvp,
+              LOG2_ROT=int(math.log2(d_eff)) if qk != 8 else 0, RSQRT=1.0 / math.sqrt(d_eff),
+              NGRID=8, HAS_MASK={None: 0, "keys": 1}.get(mask, 2), MASK_BOOL=mask in ("bool", "keys"),
               PV_BF16=dt == "bf16", INTERP=False, WRITE_LSE=bool(maps),
               WRITE_ENT=maps["entropy"] if isinstance(maps, dict) else maps,
               BLOCK_M=bm, BLOCK_N=bn)
     maps = bool(maps) and received
     r = _compile(flash._attn_fwd_kernel, types, cx, arch, nw, ns)
-    types_r = {"Qc": "*i8", "Qs": "*fp32", "Kc": "*i8", "Ks": "*fp32", "Mask": types["Mask"],
-               "Lse": "*fp32", "Cls": "*fp32", "Recv": "*fp32", "qk_scale": "fp32"}
+    types_r = {"W": "*i8", "Mask": types["Mask"], "Cls": "*fp32", "Recv": "*fp32", "qk_scale": "fp32"}
     cr = dict(QK_BITS=qk, DPT=dpt, D_EFF=cx["D_EFF"], HAS_MASK=cx["HAS_MASK"],
               MASK_BOOL=cx["MASK_BOOL"], WRITE_CLS=True, WRITE_RECV=True, BLOCK_M=bn, BLOCK_N=bm)
     if maps:
@@ -155,6 +157,12 @@ def compile_quant(bits, dpt, arch, dt="fp16"):
                "Vsum": "*i32"}
     cs = dict(HAS_K=True, HAS_V=True, DVP=dpt, BLOCK_N=64, BLOCK_D=min(64, dpt))
     _compile(quantize._column_stats_kernel, types_s, cs, arch)
+    # the K/V preparation of flash.forward (one launch per call)
+    types_p = {"K": _ptr(dt), "V": _ptr(dt), "W": "*i8", "Grid": "*fp32"}
+    cp = dict(BITS=bits, SMOOTH=True, LOG2_ROT=cx["LOG2_ROT"], RSQRT=cx["RSQRT"], D_EFF=d_eff,
+              DPT=dpt, NGRID=8, BLOCK_R=quantize._row_block(dpt), PV8=True, DVP=dpt, BLOCK_N=64,
+              BLOCK_D=min(64, dpt))
+    r["prep_kv"] = _compile(quantize._prep_kv_kernel, types_p, cp, arch)
     return r
 
 

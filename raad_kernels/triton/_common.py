@@ -117,4 +117,5 @@ def load_codes(C, rows, N, R: tl.constexpr, BITS: tl.constexpr, DPT: tl.constexp
         c1 = ((b >> 2) & 3) * 2 - 3
         c2 = ((b >> 4) & 3) * 2 - 3
         c3 = ((b >> 6) & 3) * 2 - 3
-        return tl.reshape(tl.join(tl.join(c0, c1), tl.join(c2, c3)), [R, DPT]).to(tl.int8)
+        # join(join(c0, c2), join(c1, c3))[..., i, j] = c[2i + j]: row-major is c0 c1 c2 c3.
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [R, DPT]).to(tl.int8)

@@ -38,7 +38,10 @@ of ``BLOCK_N`` (online softmax in base 2: ``scale · log2(e)`` is folded into th
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,7 +50,8 @@ import triton.language as tl
 from .. import quant
 from ._common import (INTERPRET, LOG2E, MAX_HEAD_DIM, cdiv, load_codes, next_pow2, placeholder, rne_small,
                       round_bf16)
-from .quantize import code_width, column_stats, quantize_qk
+from .quantize import (_clip_grid, _prep_kv_kernel, _row_block, code_width, load_rows, quant_tile,
+                       rotate_rows, store_codes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,11 +99,13 @@ def _load_q(Qb, Qsb, rows, Nq, qk_scale, BLOCK_M: tl.constexpr, QK_BITS: tl.cons
 
 
 @triton.jit
-def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Vsum, Mask, Out, Lse, Ent,
-                     qk_scale, Nq, Nk, DV, H,
-                     svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som, sod,
+def _attn_fwd_kernel(Q, W, V, Mask, Out, Ent, Grid,
+                     qk_scale, Nq, Nk, D, DV, H,
+                     sqb, sqh, sqn, sqd, svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som, sod,
+                     OFF_KS, OFF_VC, OFF_VS, OFF_VM, OFF_VSUM, OFF_QC, OFF_QS, OFF_LSE,
                      QK_BITS: tl.constexpr, PV_BITS: tl.constexpr, DPT: tl.constexpr,
-                     D_EFF: tl.constexpr, DVP: tl.constexpr,
+                     D_EFF: tl.constexpr, DVP: tl.constexpr, LOG2_ROT: tl.constexpr,
+                     RSQRT: tl.constexpr, NGRID: tl.constexpr,
                      HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PV_BF16: tl.constexpr,
                      INTERP: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_ENT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -110,18 +116,28 @@ def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Vsum, Mask, Out, Lse, Ent,
     bh = (pid // nblk_m).to(tl.int64)  # 64-bit scalar bases, 32-bit offsets inside a head
     b = bh // H
     h = bh % H
-    Kb = Kc + bh * Nk * NB
-    Ksb = Ks + bh * Nk
+    Kb = W + bh * Nk * NB  # K codes and scales, V codes/sums: written by quantize._prep_kv_kernel
+    Ksb = (W + OFF_KS).to(tl.pointer_type(tl.float32)) + bh * Nk
     Mb = Mask + b * smb + h * smh
     if PV_BITS == 8:
-        Vb = V + bh * Nk * DVP
-        Vsb = Vsum + bh * tl.cdiv(Nk, BLOCK_N) * DVP
+        Vb = W + OFF_VC + bh * Nk * DVP
+        Vsb = (W + OFF_VSUM).to(tl.pointer_type(tl.int32)) + bh * tl.cdiv(Nk, BLOCK_N) * DVP
     else:
         Vb = V + b * svb + h * svh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.arange(0, DVP)
-    q, qs = _load_q(Qc + bh * Nq * NB, Qs + bh * Nq, rows, Nq, qk_scale, BLOCK_M, QK_BITS,
-                    DPT, D_EFF)
+    # Q is quantized here, in registers, by the same code as the row kernel (quant_tile).
+    x = load_rows(Q + b * sqb + h * sqh, rows, Nq, D, sqn, sqd, DPT)
+    qcodes, s = quant_tile(rotate_rows(x, LOG2_ROT, RSQRT, BLOCK_M, DPT), Grid, QK_BITS, D_EFF,
+                           DPT, NGRID)
+    if WRITE_LSE:  # the column-maps pass reads Q's codes and scales
+        store_codes(W + OFF_QC + bh * Nq * NB, rows, Nq, qcodes, QK_BITS, DPT, BLOCK_M)
+        tl.store((W + OFF_QS).to(tl.pointer_type(tl.float32)) + bh * Nq + rows, s, mask=rows < Nq)
+    if QK_BITS == 2:
+        if D_EFF < DPT:  # padded int2 channels hold code -3: zero them on the Q side
+            qcodes = tl.where((tl.arange(0, DPT) < D_EFF)[None, :], qcodes, 0)
+    q = qcodes.to(tl.int8)
+    qs = tl.where(rows < Nq, s, 0.0) * qk_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -163,8 +179,8 @@ def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Vsum, Mask, Out, Lse, Ent,
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     if PV_BITS == 8:
-        vs = tl.load(Vs + bh * DVP + vcols)
-        vm = tl.load(Vm + bh * DVP + vcols)
+        vs = tl.load((W + OFF_VS).to(tl.pointer_type(tl.float32)) + bh * DVP + vcols)
+        vm = tl.load((W + OFF_VM).to(tl.pointer_type(tl.float32)) + bh * DVP + vcols)
         o = acc * (vs * (1.0 / 255.0))[None, :] / l_safe[:, None] \
             + tl.where(has, 1.0, 0.0)[:, None] * vm[None, :]
     else:
@@ -173,15 +189,15 @@ def _attn_fwd_kernel(Qc, Qs, Kc, Ks, V, Vs, Vm, Vsum, Mask, Out, Lse, Ent,
     tl.store(optr, o.to(Out.dtype.element_ty), mask=(rows < Nq)[:, None] & (vcols < DV)[None, :])
     lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
     if WRITE_LSE:
-        tl.store(Lse + bh * Nq + rows, lse, mask=rows < Nq)
+        tl.store((W + OFF_LSE).to(tl.pointer_type(tl.float32)) + bh * Nq + rows, lse, mask=rows < Nq)
     if WRITE_ENT:
         ent = tl.where(has, tl.log(l_safe) - 0.6931471805599453 * e_i / l_safe, 0.0)
         tl.store(Ent + bh * Nq + rows, ent, mask=rows < Nq)
 
 
 @triton.jit
-def _attn_colmaps_kernel(Qc, Qs, Kc, Ks, Mask, Lse, Cls, Recv, qk_scale, Nq, Nk, H,
-                         smb, smh, smm, smn,
+def _attn_colmaps_kernel(W, Mask, Cls, Recv, qk_scale, Nq, Nk, H, smb, smh, smm, smn,
+                         OFF_KS, OFF_QC, OFF_QS, OFF_LSE,
                          QK_BITS: tl.constexpr, DPT: tl.constexpr, D_EFF: tl.constexpr,
                          HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                          WRITE_CLS: tl.constexpr, WRITE_RECV: tl.constexpr,
@@ -195,11 +211,11 @@ def _attn_colmaps_kernel(Qc, Qs, Kc, Ks, Mask, Lse, Cls, Recv, qk_scale, Nq, Nk,
     pid_n = pid % nblk_n
     bh = (pid // nblk_n).to(tl.int64)
     Mb = Mask + (bh // H) * smb + (bh % H) * smh
-    Qb = Qc + bh * Nq * NB
-    Qsb = Qs + bh * Nq
-    Kb = Kc + bh * Nk * NB
-    Ksb = Ks + bh * Nk
-    Lb = Lse + bh * Nq
+    Qb = W + OFF_QC + bh * Nq * NB
+    Qsb = (W + OFF_QS).to(tl.pointer_type(tl.float32)) + bh * Nq
+    Kb = W + bh * Nk * NB
+    Ksb = (W + OFF_KS).to(tl.pointer_type(tl.float32)) + bh * Nk
+    Lb = (W + OFF_LSE).to(tl.pointer_type(tl.float32)) + bh * Nq
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if WRITE_CLS:
         rows0 = tl.arange(0, 16)
@@ -302,12 +318,146 @@ def _mask_args(attn_mask, shape, device):
     return m, tuple(m.stride()), is_bool
 
 
+class Layout(NamedTuple):
+    """Byte offsets of the sections of one call's workspace (one int8 tensor, so a call
+    allocates it once and the kernels take one pointer): K codes (at 0) and scales; at P·V 8
+    bits V's codes, scales, means and column sums per BLOCK_N keys; with ``cls``/``received``
+    Q's codes and scales and the log-sum-exp. Sections start on 128-byte boundaries."""
+    ks: int
+    vc: int
+    vs: int
+    vm: int
+    vsum: int
+    qc: int
+    qs: int
+    lse: int
+    total: int
+
+
+def layout(bh, nq, nk, nb, dvp, block_n, pv8, colmaps) -> Layout:
+    sizes = [bh * nk * nb, bh * nk * 4]
+    sizes += [bh * nk * dvp, bh * dvp * 4, bh * dvp * 4, bh * cdiv(nk, block_n) * dvp * 4] if pv8 else [0] * 4
+    sizes += [bh * nq * nb, bh * nq * 4, bh * nq * 4] if colmaps else [0] * 3
+    offs, off = [], 0
+    for n in sizes:
+        offs.append(off)
+        off += cdiv(n, 128) * 128
+    return Layout(*offs[1:], max(off, 128))
+
+
+def workspace_views(ws, lay: Layout, b, h, nq, nk, nb, dvp, block_n, qk_bits):
+    """Tensor views of a workspace's sections (for tests): name → tensor."""
+    cdt = torch.int8 if qk_bits == 8 else torch.uint8
+
+    def sec(start, n, dtype, shape):
+        return ws[start:start + n * dtype.itemsize].view(dtype).view(*shape)
+    nblk = cdiv(nk, block_n)
+    views = {"k_codes": sec(0, b * h * nk * nb, cdt, (b, h, nk, nb)),
+             "k_scale": sec(lay.ks, b * h * nk, torch.float32, (b, h, nk)),
+             "q_codes": sec(lay.qc, b * h * nq * nb, cdt, (b, h, nq, nb)),
+             "q_scale": sec(lay.qs, b * h * nq, torch.float32, (b, h, nq)),
+             "lse": sec(lay.lse, b * h * nq, torch.float32, (b, h, nq))}
+    if lay.vsum == lay.vc:  # P·V at 16 bits: no V sections
+        return views
+    return {**views, "v_codes": sec(lay.vc, b * h * nk * dvp, torch.int8, (b, h, nk, dvp)),
+            "v_scale": sec(lay.vs, b * h * dvp, torch.float32, (b, h, dvp)),
+            "v_mean": sec(lay.vm, b * h * dvp, torch.float32, (b, h, dvp)),
+            "v_sums": sec(lay.vsum, b * h * nblk * dvp, torch.int32, (b, h, nblk, dvp))}
+
+
+#: Programs per (batch, head) of the K/V preparation under the interpreter (tests set it > 1).
+INTERPRET_CHUNKS = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _kv_chunks(bh, nk, device, unit):
+    """(keys per program, programs per (batch, head)) of the K/V preparation: one program per
+    (batch, head) unless that leaves most SMs idle (the column statistics are then read again
+    by every chunk's program, cheap next to the attention at those lengths)."""
+    if INTERPRET:
+        n = INTERPRET_CHUNKS
+    else:
+        n = max(1, min(cdiv(nk, 512), cdiv(2 * _sm_count(device.index or 0), bh)))
+    chunk = cdiv(cdiv(nk, n), unit) * unit
+    return chunk, cdiv(nk, chunk)
+
+
+class _Plan(NamedTuple):
+    """Everything about a call that depends only on its shapes and options (cached)."""
+    lay: Layout
+    prep_grid: tuple
+    prep_args: tuple  # CHUNK, NCHUNK, offsets
+    prep_consts: dict
+    grid: tuple
+    offs: tuple
+    consts: dict
+    colmaps: tuple | None  # (grid, consts) of the column-maps pass
+    grid_t: torch.Tensor
+    mask_kind: int
+
+
+_PLANS: dict = {}
+
+
+def _plan(key, b, h, nq, nk, d, dv, dtype, dev, qk_bits, pv_bits, smooth_k, rotate, maps,
+          mask_kind, mask_bool, block_m, block_n) -> _Plan:
+    d_eff, dpt = code_width(d, rotate)
+    dvp = max(16, next_pow2(dv))
+    nb = dpt * qk_bits // 8
+    bm, bn, nw, ns = _config(dpt, dvp, pv_bits, dev, block_m, block_n, mask_kind == 2)
+    if pv_bits == 8:
+        bn = max(bn, 32)  # K of the int8 P·V dot
+    col_maps = "cls" in maps or "received" in maps
+    lay = layout(b * h, nq, nk, nb, dvp, bn, pv_bits == 8, col_maps)
+    block_r = _row_block(dpt)
+    chunk, nchunk = _kv_chunks(b * h, nk, dev, max(bn, block_r))
+    log2_rot = (d_eff.bit_length() - 1) if rotate else 0
+    rot = dict(LOG2_ROT=log2_rot, RSQRT=1.0 / math.sqrt(d_eff) if rotate else 1.0, D_EFF=d_eff,
+               DPT=dpt, NGRID=len(quant.CLIP_GRID.get(qk_bits, (0,))))
+    prep_consts = dict(BITS=qk_bits, SMOOTH=bool(smooth_k), **rot, BLOCK_R=block_r,
+                       PV8=pv_bits == 8, DVP=dvp, BLOCK_N=bn, BLOCK_D=min(64, dvp), num_warps=4)
+    consts = dict(QK_BITS=qk_bits, PV_BITS=pv_bits, DVP=dvp, **rot,
+                  HAS_MASK=mask_kind, MASK_BOOL=mask_bool,
+                  PV_BF16=dtype == torch.bfloat16, INTERP=INTERPRET,
+                  WRITE_LSE=col_maps, WRITE_ENT="entropy" in maps)
+    autotune = (not INTERPRET and block_m is None and block_n is None
+                and os.environ.get("RAAD_TRITON_AUTOTUNE") == "1" and pv_bits == 16)
+    if autotune:
+        grid = lambda meta: (cdiv(nq, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    else:
+        grid = (cdiv(nq, bm) * b * h,)
+        consts.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    colmaps = None
+    if col_maps:
+        # Transposed roles: a key block per program, query blocks streamed.
+        rbm, rbn = (bn, bm) if block_m is None and block_n is None else (bm, bn)
+        rbn = max(rbn, 16)
+        colmaps = ((cdiv(nk, rbn) * b * h,),
+                   dict(QK_BITS=qk_bits, DPT=dpt, D_EFF=d_eff, HAS_MASK=mask_kind,
+                        MASK_BOOL=mask_bool, WRITE_CLS="cls" in maps, WRITE_RECV="received" in maps,
+                        BLOCK_M=rbm, BLOCK_N=rbn, num_warps=nw, num_stages=ns))
+    grid_t = _clip_grid(qk_bits if qk_bits != 8 else 4, dev)
+    if len(_PLANS) > 512:  # a model has a handful of shapes; this only bounds a pathological caller
+        _PLANS.clear()
+    p = _PLANS[key] = _Plan(lay, ((b * h * nchunk),), (chunk, nchunk, *lay[:5]), prep_consts,
+                            grid, tuple(lay[:8]), consts, colmaps, grid_t, mask_kind)
+    return p
+
+
 def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None,
             smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None,
-            maps_out=None, block_m: int | None = None, block_n: int | None = None):
-    """Quantized attention; see the module docstring. ``out`` / ``maps_out`` (dict name →
-    tensor): preallocated outputs (tests poison them); ``block_m``/``block_n`` override the
-    tile sizes (tests use small ones to exercise many blocks)."""
+            maps_out=None, block_m: int | None = None, block_n: int | None = None, debug=None):
+    """Quantized attention; see the module docstring. Two launches (K/V preparation, then
+    attention with Q quantized in registers), a third for ``cls``/``received``. No host
+    synchronisation; everything it allocates comes from torch's allocator (CUDA-graph safe).
+
+    ``out`` / ``maps_out`` (dict name → tensor): preallocated outputs (tests poison them);
+    ``block_m``/``block_n`` override the tile sizes (tests use small ones to exercise many
+    blocks); ``debug``: a dict that receives the workspace's sections (tests)."""
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
@@ -317,26 +467,16 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
         rotate = quant.default_rotate(qk_bits)
     dev = q.device
     maps = tuple(return_maps or ())
-    d_eff, dpt = code_width(d, rotate)
-    dvp = max(16, next_pow2(dv))
+    if debug is not None and "cls" not in maps and "received" not in maps:
+        maps += ("received",)  # so Q's codes are written to the workspace
     mask_t, (smb, smh, smm, smn), mask_bool = _mask_args(attn_mask, (b, h, nq, nk), dev)
     # 0: no mask; 1: per key (the same for every query: key padding), a vector per key block;
     # 2: a general (Nq, Nk) mask, a tile per block.
     mask_kind = 0 if attn_mask is None else (1 if smm == 0 or nq == 1 else 2)
-    bm, bn, nw, ns = _config(dpt, dvp, pv_bits, dev, block_m, block_n, mask_kind == 2)
-    if pv_bits == 8:
-        bn = max(bn, 32)  # K of the int8 P·V dot
-    autotune = (not INTERPRET and block_m is None and block_n is None
-                and os.environ.get("RAAD_TRITON_AUTOTUNE") == "1" and pv_bits == 16)
-
-    # Preparation: at most two launches (column statistics; Q/K rows).
-    k_mean, vq = (None, None)
-    if smooth_k or pv_bits == 8:
-        k_mean, vq = column_stats(k if smooth_k else None, v if pv_bits == 8 else None, dvp,
-                                  block_n=bn)
-    qc, qsc, kc, ksc, _, _ = quantize_qk(q, k, qk_bits, smooth=smooth_k, rotate=rotate,
-                                         k_mean=k_mean)
-    qc, kc = qc.view(torch.int8), kc.view(torch.int8)
+    key = (q.shape, nk, dv, q.dtype, dev, qk_bits, pv_bits, smooth_k, rotate, maps, mask_kind,
+           mask_bool, block_m, block_n)
+    plan = _PLANS.get(key) or _plan(key, b, h, nq, nk, d, dv, q.dtype, dev, qk_bits, pv_bits,
+                                    smooth_k, rotate, maps, mask_kind, mask_bool, block_m, block_n)
 
     if out is None:
         out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=dev)
@@ -344,45 +484,31 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
         raise ValueError(f"out must be a ({b}, {h}, {nq}, {dv}) {q.dtype} tensor on {dev}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     maps_out = dict(maps_out or {})
-    f32 = dict(dtype=torch.float32, device=dev)
     for name, t in maps_out.items():
         want = (b, h, nq) if name == "entropy" else (b, h, nk)
         if t.shape != want or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"maps_out[{name!r}] must be a contiguous float32 {want} tensor")
-    for name, shape in (("cls", (b, h, nk)), ("received", (b, h, nk)), ("entropy", (b, h, nq))):
-        if name in maps and name not in maps_out:
-            maps_out[name] = torch.empty(*shape, **f32)
+    for name in maps:
+        if name not in maps_out:
+            shape = (b, h, nq) if name == "entropy" else (b, h, nk)
+            maps_out[name] = torch.empty(shape, dtype=torch.float32, device=dev)
     dummy = placeholder(torch.float32, dev)
-    col_maps = "cls" in maps or "received" in maps
-    lse = torch.empty(b, h, nq, **f32) if col_maps else dummy
+    ws = torch.empty(plan.lay.total, dtype=torch.int8, device=dev)
 
-    if pv_bits == 8:
-        v_arg, vs_arg, vm_arg, vsum_arg = vq
-        sv = (0, 0, 0, 0)
-    else:
-        v_arg, vs_arg, vm_arg, vsum_arg = v, dummy, dummy, dummy
-        sv = v.stride()
-    qk_scale = float(scale) * LOG2E
-    args = (qc, qsc, kc, ksc, v_arg, vs_arg, vm_arg, vsum_arg, mask_t, out, lse,
-            maps_out.get("entropy", dummy),
-            qk_scale, nq, nk, dv, h, *sv, smb, smh, smm, smn, *out.stride())
-    consts = dict(QK_BITS=qk_bits, PV_BITS=pv_bits, DPT=dpt, D_EFF=d_eff, DVP=dvp,
-                  HAS_MASK=mask_kind, MASK_BOOL=mask_bool,
-                  PV_BF16=q.dtype == torch.bfloat16, INTERP=INTERPRET,
-                  WRITE_LSE=col_maps, WRITE_ENT="entropy" in maps)
-    if autotune:
-        _autotuned_fwd()[lambda meta: (cdiv(nq, meta["BLOCK_M"]) * b * h,)](*args, **consts)
-    else:
-        _attn_fwd_kernel[(cdiv(nq, bm) * b * h,)](
-            *args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
-    if col_maps:
-        # Transposed roles: a key block per program, query blocks streamed.
-        rbm, rbn = (bn, bm) if block_m is None and block_n is None else (bm, bn)
-        rbn = max(rbn, 16)
-        _attn_colmaps_kernel[(cdiv(nk, rbn) * b * h,)](
-            qc, qsc, kc, ksc, mask_t, lse, maps_out.get("cls", dummy),
-            maps_out.get("received", dummy), qk_scale, nq, nk, h, smb, smh, smm, smn,
-            QK_BITS=qk_bits, DPT=dpt, D_EFF=d_eff, HAS_MASK=mask_kind, MASK_BOOL=mask_bool,
-            WRITE_CLS="cls" in maps, WRITE_RECV="received" in maps,
-            BLOCK_M=rbm, BLOCK_N=rbn, num_warps=nw, num_stages=ns)
-    return out, {name: maps_out[name] for name in maps}
+    _prep_kv_kernel[plan.prep_grid](k, v, ws, plan.grid_t, nk, d, dv, h, *k.stride(), *v.stride(),
+                                    *plan.prep_args, **plan.prep_consts)
+    kernel = _autotuned_fwd() if callable(plan.grid) else _attn_fwd_kernel
+    kernel[plan.grid](q, ws, v, mask_t, out, maps_out.get("entropy", dummy), plan.grid_t,
+                      float(scale) * LOG2E, nq, nk, d, dv, h, *q.stride(), *v.stride(),
+                      smb, smh, smm, smn, *out.stride(), *plan.offs, **plan.consts)
+    if plan.colmaps is not None:
+        cgrid, cconsts = plan.colmaps
+        _attn_colmaps_kernel[cgrid](
+            ws, mask_t, maps_out.get("cls", dummy), maps_out.get("received", dummy),
+            float(scale) * LOG2E, nq, nk, h, smb, smh, smm, smn,
+            plan.lay.ks, plan.lay.qc, plan.lay.qs, plan.lay.lse, **cconsts)
+    if debug is not None:
+        dpt = plan.prep_consts["DPT"]
+        debug.update(workspace_views(ws, plan.lay, b, h, nq, nk, dpt * qk_bits // 8,
+                                     plan.prep_consts["DVP"], plan.prep_consts["BLOCK_N"], qk_bits))
+    return out, {name: maps_out[name] for name in tuple(return_maps or ())}

@@ -192,22 +192,13 @@ def _clip_err(x, valid, clip, BITS: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(X, Mean, C, S, Grid, pid, N, D, H, sxb, sxh, sxn, sxd, NBLK,
-                BITS: tl.constexpr, HAS_MEAN: tl.constexpr, LOG2_ROT: tl.constexpr,
-                RSQRT: tl.constexpr, D_EFF: tl.constexpr, DPT: tl.constexpr,
-                NGRID: tl.constexpr, BLOCK_R: tl.constexpr):
-    bh = (pid // NBLK).to(tl.int64)
-    rows = (pid % NBLK) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, DPT)
-    rmask = rows < N
-    x = tl.load(X + (bh // H) * sxb + (bh % H) * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
-                mask=rmask[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        mu = tl.load(Mean + bh * D + cols, mask=cols < D, other=0.0)
-        x = tl.where((cols < D)[None, :], x - mu[None, :], 0.0)
-    if LOG2_ROT > 0:
-        x = _fwht(x, BLOCK_R, DPT, LOG2_ROT) * RSQRT
-    valid = (cols < D_EFF)[None, :]
+def quant_tile(x, Grid, BITS: tl.constexpr, D_EFF: tl.constexpr, DPT: tl.constexpr,
+               NGRID: tl.constexpr):
+    """Per-row scales and codes of an [R, DPT] float32 tile (already smoothed and rotated; zero
+    past the head dim) → (codes as int32, padded past ``D_EFF`` with 0 or -3 at int2; scale).
+    Shared by the row kernels and the attention kernel's in-register Q quantization, so both
+    produce the same codes."""
+    valid = (tl.arange(0, DPT) < D_EFF)[None, :]
     absmax = tl.max(tl.abs(x), axis=1)
     if BITS == 8:
         s = tl.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
@@ -223,26 +214,66 @@ def _quant_rows(X, Mean, C, S, Grid, pid, N, D, H, sxb, sxh, sxn, sxd, NBLK,
             s = tl.where(better, si, s)
     TINY: tl.constexpr = 1.1754943508222875e-38 if BITS == 2 else 1.0
     s = tl.where(s > 0, s, TINY)
-    tl.store(S + bh * N + rows, s, mask=rmask)
     PAD: tl.constexpr = -3.0 if BITS == 2 else 0.0
     codes = round_to_grid(tl.div_rn(x, s[:, None] + tl.zeros_like(x)), BITS)
-    codes = tl.where(valid, codes, PAD).to(tl.int32)
+    return tl.where(valid, codes, PAD).to(tl.int32), s
+
+
+@triton.jit
+def store_codes(C, rows, N, codes, BITS: tl.constexpr, DPT: tl.constexpr, R: tl.constexpr):
+    """Pack int32 codes [R, DPT] (int4: 2 per byte, int2: 4 per byte, quant.pack's layout) and
+    store rows ``rows`` < N of one (batch, head)'s code matrix at ``C`` (int8 or uint8)."""
+    rmask = (rows < N)[:, None]
     if BITS == 8:
-        tl.store(C + (bh * N + rows)[:, None] * DPT + cols[None, :], codes.to(tl.int8),
-                 mask=rmask[:, None])
+        tl.store(C + rows[:, None] * DPT + tl.arange(0, DPT)[None, :], codes.to(tl.int8), mask=rmask)
     elif BITS == 4:
-        lo, hi = tl.split(tl.reshape(codes & 15, [BLOCK_R, DPT // 2, 2]))
+        lo, hi = tl.split(tl.reshape(codes & 15, [R, DPT // 2, 2]))
         byte = lo | (hi << 4)
-        tl.store(C + (bh * N + rows)[:, None] * (DPT // 2) + tl.arange(0, DPT // 2)[None, :],
-                 byte.to(tl.uint8), mask=rmask[:, None])
+        tl.store(C + rows[:, None] * (DPT // 2) + tl.arange(0, DPT // 2)[None, :],
+                 byte.to(C.dtype.element_ty), mask=rmask)
     else:
         u = (codes + 3) >> 1
-        even, odd = tl.split(tl.reshape(u, [BLOCK_R, DPT // 4, 2, 2]))  # element 4j + 2a + b
+        even, odd = tl.split(tl.reshape(u, [R, DPT // 4, 2, 2]))  # element 4j + 2a + b
         e0, e2 = tl.split(even)
         e1, e3 = tl.split(odd)
         byte = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
-        tl.store(C + (bh * N + rows)[:, None] * (DPT // 4) + tl.arange(0, DPT // 4)[None, :],
-                 byte.to(tl.uint8), mask=rmask[:, None])
+        tl.store(C + rows[:, None] * (DPT // 4) + tl.arange(0, DPT // 4)[None, :],
+                 byte.to(C.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def load_rows(Xb, rows, N, D, sxn, sxd, DPT: tl.constexpr):
+    """Rows ``rows`` of one (batch, head) of a float tensor (any strides, any float dtype) as an
+    [R, DPT] float32 tile, zero past N and D."""
+    cols = tl.arange(0, DPT)
+    return tl.load(Xb + rows[:, None] * sxn + cols[None, :] * sxd,
+                   mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def rotate_rows(x, LOG2_ROT: tl.constexpr, RSQRT: tl.constexpr, R: tl.constexpr,
+                DPT: tl.constexpr):
+    if LOG2_ROT > 0:
+        x = _fwht(x, R, DPT, LOG2_ROT) * RSQRT
+    return x
+
+
+@triton.jit
+def _quant_rows(X, Mean, C, S, Grid, pid, N, D, H, sxb, sxh, sxn, sxd, NBLK,
+                BITS: tl.constexpr, HAS_MEAN: tl.constexpr, LOG2_ROT: tl.constexpr,
+                RSQRT: tl.constexpr, D_EFF: tl.constexpr, DPT: tl.constexpr,
+                NGRID: tl.constexpr, BLOCK_R: tl.constexpr):
+    bh = (pid // NBLK).to(tl.int64)
+    rows = (pid % NBLK) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, DPT)
+    x = load_rows(X + (bh // H) * sxb + (bh % H) * sxh, rows, N, D, sxn, sxd, DPT)
+    if HAS_MEAN:
+        mu = tl.load(Mean + bh * D + cols, mask=cols < D, other=0.0)
+        x = tl.where((cols < D)[None, :], x - mu[None, :], 0.0)
+    x = rotate_rows(x, LOG2_ROT, RSQRT, BLOCK_R, DPT)
+    codes, s = quant_tile(x, Grid, BITS, D_EFF, DPT, NGRID)
+    tl.store(S + bh * N + rows, s, mask=rows < N)
+    store_codes(C + bh * N * (DPT * BITS // 8), rows, N, codes, BITS, DPT, BLOCK_R)
 
 
 @triton.jit
@@ -319,3 +350,86 @@ def quantize_qk(q: torch.Tensor | None, k: torch.Tensor, bits: int, *, smooth: b
     if q is None:
         qc = qs = None
     return qc, qs, kc, ks, d_eff, dpt
+
+
+# --------------------------------------------------------------------------------------------
+# K and V for one attention call, in one launch (the common path of flash.forward)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prep_kv_kernel(K, V, W, Grid, Nk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd,
+                    CHUNK, NCHUNK, OFF_KS, OFF_VC, OFF_VS, OFF_VM, OFF_VSUM,
+                    BITS: tl.constexpr, SMOOTH: tl.constexpr, LOG2_ROT: tl.constexpr,
+                    RSQRT: tl.constexpr, D_EFF: tl.constexpr, DPT: tl.constexpr,
+                    NGRID: tl.constexpr, BLOCK_R: tl.constexpr, PV8: tl.constexpr,
+                    DVP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (batch, head, chunk of CHUNK keys): K's smoothing mean, then the K rows
+    of its chunk (codes, scales); at P·V 8 bits, V's per-channel mean and scale, then the V
+    codes of its chunk and their column sums per BLOCK_N keys. The column statistics are
+    reductions over all keys, so each program of a (batch, head) recomputes them (NCHUNK > 1
+    only where B·H alone would leave the GPU idle); that keeps this a single launch.
+    Outputs go to the workspace ``W`` (int8) at the given byte offsets (flash.Layout)."""
+    NB: tl.constexpr = DPT * BITS // 8
+    pid = tl.program_id(0)
+    bh = (pid // NCHUNK).to(tl.int64)
+    chunk = pid % NCHUNK
+    r0 = chunk * CHUNK
+    r1 = tl.minimum(r0 + CHUNK, Nk)
+    cols = tl.arange(0, DPT)
+    Kb = K + (bh // H) * skb + (bh % H) * skh
+    if SMOOTH:  # the mean of K over all tokens, per channel
+        acc = tl.zeros([DPT], dtype=tl.float32)
+        for n0 in range(0, Nk, BLOCK_R):
+            acc += tl.sum(load_rows(Kb, n0 + tl.arange(0, BLOCK_R), Nk, D, skn, skd, DPT), axis=0)
+        mu = acc / Nk
+    Kc = W + bh * Nk * NB
+    Ks = (W + OFF_KS).to(tl.pointer_type(tl.float32)) + bh * Nk
+    for n0 in range(r0, r1, BLOCK_R):
+        rows = n0 + tl.arange(0, BLOCK_R)
+        x = load_rows(Kb, rows, Nk, D, skn, skd, DPT)
+        if SMOOTH:
+            x = tl.where((cols < D)[None, :], x - mu[None, :], 0.0)
+        x = rotate_rows(x, LOG2_ROT, RSQRT, BLOCK_R, DPT)
+        codes, s = quant_tile(x, Grid, BITS, D_EFF, DPT, NGRID)
+        tl.store(Ks + rows, s, mask=rows < r1)
+        store_codes(Kc, rows, r1, codes, BITS, DPT, BLOCK_R)
+    if PV8:
+        Vb = V + (bh // H) * svb + (bh % H) * svh
+        Vc = W + OFF_VC + bh * Nk * DVP
+        Vs = (W + OFF_VS).to(tl.pointer_type(tl.float32)) + bh * DVP
+        Vm = (W + OFF_VM).to(tl.pointer_type(tl.float32)) + bh * DVP
+        Vsum = (W + OFF_VSUM).to(tl.pointer_type(tl.int32)) + bh * tl.cdiv(Nk, BLOCK_N) * DVP
+        for d0 in tl.static_range(0, DVP, BLOCK_D):
+            vcols = d0 + tl.arange(0, BLOCK_D)
+            cmask = vcols < DV
+            # One pass for the statistics: max |v - mean| = max(vmax - mean, mean - vmin)
+            # exactly (float subtraction is monotonic), as quant.prepare_v's absmax.
+            vsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+            vmax = tl.full([BLOCK_D], float("-inf"), tl.float32)
+            vmin = tl.full([BLOCK_D], float("inf"), tl.float32)
+            for n0 in range(0, Nk, BLOCK_N):
+                rows = n0 + tl.arange(0, BLOCK_N)
+                m = (rows < Nk)[:, None] & cmask[None, :]
+                x = tl.load(Vb + rows[:, None] * svn + vcols[None, :] * svd, mask=m,
+                            other=0.0).to(tl.float32)
+                vsum += tl.sum(x, axis=0)
+                vmax = tl.maximum(vmax, tl.max(tl.where(m, x, float("-inf")), axis=0))
+                vmin = tl.minimum(vmin, tl.min(tl.where(m, x, float("inf")), axis=0))
+            mean = vsum / Nk
+            amax = tl.where(cmask, tl.maximum(vmax - mean, mean - vmin), 0.0)
+            scale = amax / 127.0
+            scale = tl.where(scale > 0, scale, 1.0)
+            first = (vcols < DVP) & (chunk == 0)  # one program per (batch, head) writes them
+            tl.store(Vs + vcols, scale, mask=first)
+            tl.store(Vm + vcols, mean, mask=first)
+            for n0 in range(r0, r1, BLOCK_N):
+                rows = n0 + tl.arange(0, BLOCK_N)
+                m = (rows < Nk)[:, None] & cmask[None, :]
+                x = tl.load(Vb + rows[:, None] * svn + vcols[None, :] * svd, mask=m,
+                            other=0.0).to(tl.float32)
+                c = rne(tl.div_rn(x - mean[None, :], scale[None, :] + tl.zeros_like(x)))
+                c = tl.where(m, tl.minimum(tl.maximum(c, -127.0), 127.0), 0.0)
+                tl.store(Vc + rows[:, None] * DVP + vcols[None, :], c.to(tl.int8),
+                         mask=(rows < Nk)[:, None])
+                # Column sums of the codes per BLOCK_N keys (the int8 P·V correction term).
+                tl.store(Vsum + (n0 // BLOCK_N) * DVP + vcols, tl.sum(c, axis=0).to(tl.int32))
