@@ -8,9 +8,13 @@ through several copies when they would sit in L2, torch.cuda.Event timing. Accur
 cosine and relative L2 of the output against float64 attention on the same inputs.
 
     python benchmarks/bench_gpu.py --out DIR [--budget SECONDS] [--quick]
+        [--tests-junit gpu_tests.xml --speed-table DIR/gpu_speed.json]
 
 Writes DIR/gpu_results.json and DIR/gpu_results.md after every shape, so a run cut short by
-its time budget still leaves the rows it finished.
+its time budget still leaves the rows it finished. With ``--speed-table``, also the speed table
+``backend="auto"`` reads (raad_kernels/speed_table.py's format): the shipped table with this
+device's entry replaced, from the int8/int8 rows, holding only the backends whose GPU tests
+passed in the pytest run whose JUnit XML ``--tests-junit`` names (none without it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import statistics
 import sys
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
@@ -177,6 +182,8 @@ def run(args):
         write(out_dir, meta, rows, targets, complete=False)
     write(out_dir, meta, rows, targets, complete=complete)
     print((out_dir / "gpu_results.md").read_text())
+    if args.speed_table:
+        write_speed_table(args.speed_table, rows, meta, args.tests_junit)
 
 
 def bench_shape(b, h, n, d, dev, l2, sage, status, args, budget_s):
@@ -251,7 +258,8 @@ def bench_shape(b, h, n, d, dev, l2, sage, status, args, budget_s):
         print(f"  {name:18s} {row.get('ms', float('nan')):9.4f} ms  x{row.get('speedup_vs_sdpa_fp16') or float('nan'):5.2f}"
               f"  cos={row.get('cos', float('nan')):.6f} rel={row.get('rel_l2', float('nan')):.5f} {row.get('error', '')}",
               flush=True)
-    del ins, ref
+    ins.clear()  # free the inputs before the next shape (the closures above hold the names)
+    ref = None
     torch.cuda.empty_cache()
     return rows
 
@@ -312,6 +320,66 @@ def write(out_dir, meta, rows, targets, complete):
     (out_dir / "gpu_results.md").write_text("\n".join(lines) + "\n")
 
 
+#: the test file whose GPU run decides whether a backend may enter the speed table
+BACKEND_TESTS = {"cuda": "test_cuda_backend", "triton": "test_triton_backend"}
+
+
+def backends_passed(junit) -> list:
+    """Backends whose test file ran (at least one test not skipped) with no failure or error,
+    from a pytest JUnit XML file."""
+    if junit is None or not Path(junit).exists():
+        return []
+    ran = {b: 0 for b in BACKEND_TESTS}
+    bad = set()
+    for case in ET.parse(junit).iter("testcase"):
+        parts = (case.get("classname") or "").split(".")
+        for backend, module in BACKEND_TESTS.items():
+            if module not in parts:
+                continue
+            if case.find("failure") is not None or case.find("error") is not None:
+                bad.add(backend)
+            elif case.find("skipped") is None:
+                ran[backend] += 1
+    return [b for b in BACKEND_TESTS if ran[b] and b not in bad]
+
+
+def speed_table_from(rows, meta, passed, base) -> dict:
+    """The speed table (format 1) with this device's entry from the int8/int8 rows: per shape
+    class, each passing backend's geometric-mean time over the class's shapes."""
+    from raad_kernels import speed_table as st
+    per = {}
+    for r in rows:
+        backend, _, tag = r["method"].partition("_")
+        if tag != "q8p8" or backend not in passed or not isinstance(r.get("ms"), (int, float)):
+            continue
+        b, h, n, d = r["shape"]
+        per.setdefault(st.shape_class(n, d), {}).setdefault(backend, []).append(r["ms"])
+    classes = [{"max_tokens": t, "head_dim": d,
+                "ms": {b: math.exp(statistics.fmean(math.log(x) for x in xs)) for b, xs in sorted(ms.items())},
+                "shapes_measured": max(len(xs) for xs in ms.values())}
+               for (t, d), ms in sorted(per.items(), key=lambda kv: (kv[0][0] or 1 << 40, kv[0][1]))]
+    data = json.loads(json.dumps(base))
+    data.setdefault("format", st.FORMAT)
+    data.setdefault("devices", {})
+    key = "sm_" + meta["capability"].replace(".", "")
+    data["devices"].pop(key, None)
+    if classes:
+        data["devices"][key] = {"device": meta["device"], "date": meta["date"],
+                                "source": "benchmarks/bench_gpu.py (int8/int8 rows, CUDA events)",
+                                "tests_passed": list(passed), "classes": classes}
+    return st.validate(data, "speed table being written")
+
+
+def write_speed_table(path, rows, meta, junit):
+    from raad_kernels import speed_table as st
+    passed = backends_passed(junit)
+    base = json.loads(st.TABLE_PATH.read_text()) if st.TABLE_PATH.exists() else {"format": st.FORMAT, "devices": {}}
+    data = speed_table_from(rows, meta, passed, base)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"speed table → {path}: backends with passing GPU tests {passed or 'none'}; "
+          f"{len(data['devices'].get('sm_' + meta['capability'].replace('.', ''), {}).get('classes', []))} classes")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for gpu_results.json / gpu_results.md")
@@ -319,6 +387,9 @@ def main():
     ap.add_argument("--reps", type=int, default=15, help="timed samples per method (>= 10)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="two shapes, three quantized configs")
+    ap.add_argument("--speed-table", default=None, help="write the auto-dispatch speed table here")
+    ap.add_argument("--tests-junit", default=None,
+                    help="JUnit XML of the GPU test run: which backends may enter the speed table")
     args = ap.parse_args()
     args.reps = max(10, args.reps)
     if not torch.cuda.is_available():
