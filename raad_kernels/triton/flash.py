@@ -105,7 +105,8 @@ def _attn_fwd_kernel(Q, W, V, Mask, Out, Ent, Grid,
                      OFF_KS, OFF_VC, OFF_VS, OFF_VM, OFF_VSUM, OFF_QC, OFF_QS, OFF_LSE,
                      QK_BITS: tl.constexpr, PV_BITS: tl.constexpr, DPT: tl.constexpr,
                      D_EFF: tl.constexpr, DVP: tl.constexpr, LOG2_ROT: tl.constexpr,
-                     RSQRT: tl.constexpr, NGRID: tl.constexpr,
+                     RSQRT: tl.constexpr, NGRID: tl.constexpr, Q_STAGED: tl.constexpr,
+                     SUB_M: tl.constexpr,
                      HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PV_BF16: tl.constexpr,
                      INTERP: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_ENT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -126,18 +127,33 @@ def _attn_fwd_kernel(Q, W, V, Mask, Out, Ent, Grid,
         Vb = V + b * svb + h * svh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     vcols = tl.arange(0, DVP)
-    # Q is quantized here, in registers, by the same code as the row kernel (quant_tile).
-    x = load_rows(Q + b * sqb + h * sqh, rows, Nq, D, sqn, sqd, DPT)
-    qcodes, s = quant_tile(rotate_rows(x, LOG2_ROT, RSQRT, BLOCK_M, DPT), Grid, QK_BITS, D_EFF,
-                           DPT, NGRID)
-    if WRITE_LSE:  # the column-maps pass reads Q's codes and scales
-        store_codes(W + OFF_QC + bh * Nq * NB, rows, Nq, qcodes, QK_BITS, DPT, BLOCK_M)
-        tl.store((W + OFF_QS).to(tl.pointer_type(tl.float32)) + bh * Nq + rows, s, mask=rows < Nq)
-    if QK_BITS == 2:
-        if D_EFF < DPT:  # padded int2 channels hold code -3: zero them on the Q side
-            qcodes = tl.where((tl.arange(0, DPT) < D_EFF)[None, :], qcodes, 0)
-    q = qcodes.to(tl.int8)
-    qs = tl.where(rows < Nq, s, 0.0) * qk_scale
+    Qcb = W + OFF_QC + bh * Nq * NB
+    Qsb = (W + OFF_QS).to(tl.pointer_type(tl.float32)) + bh * Nq
+    Qb = Q + b * sqb + h * sqh
+    # Q is quantized here by the row kernel's code (quant_tile), so the codes are the same.
+    if Q_STAGED:
+        # SUB_M rows at a time, the codes staged through this program's rows of the workspace
+        # (L2) and read back after a barrier: rotating and clip-searching the whole [BLOCK_M,
+        # DPT] tile in registers costs ~90 registers more than the loop below needs (sm_86).
+        for r0 in range(0, BLOCK_M, SUB_M):
+            srows = pid_m * BLOCK_M + r0 + tl.arange(0, SUB_M)
+            x = rotate_rows(load_rows(Qb, srows, Nq, D, sqn, sqd, DPT), LOG2_ROT, RSQRT, SUB_M, DPT)
+            sc, ss = quant_tile(x, Grid, QK_BITS, D_EFF, DPT, NGRID)
+            store_codes(Qcb, srows, Nq, sc, QK_BITS, DPT, SUB_M)
+            tl.store(Qsb + srows, ss, mask=srows < Nq)
+        tl.debug_barrier()  # the block's stores are visible to all its threads after this
+        q, qs = _load_q(Qcb, Qsb, rows, Nq, qk_scale, BLOCK_M, QK_BITS, DPT, D_EFF)
+    else:  # int8: absmax scales only, cheap in registers
+        x = rotate_rows(load_rows(Qb, rows, Nq, D, sqn, sqd, DPT), LOG2_ROT, RSQRT, BLOCK_M, DPT)
+        qcodes, s = quant_tile(x, Grid, QK_BITS, D_EFF, DPT, NGRID)
+        if WRITE_LSE:  # the column-maps pass reads Q's codes and scales
+            store_codes(Qcb, rows, Nq, qcodes, QK_BITS, DPT, BLOCK_M)
+            tl.store(Qsb + rows, s, mask=rows < Nq)
+        if QK_BITS == 2:
+            if D_EFF < DPT:  # padded int2 channels hold code -3: zero them on the Q side
+                qcodes = tl.where((tl.arange(0, DPT) < D_EFF)[None, :], qcodes, 0)
+        q = qcodes.to(tl.int8)
+        qs = tl.where(rows < Nq, s, 0.0) * qk_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -334,10 +350,11 @@ class Layout(NamedTuple):
     total: int
 
 
-def layout(bh, nq, nk, nb, dvp, block_n, pv8, colmaps) -> Layout:
+def layout(bh, nq, nk, nb, dvp, block_n, pv8, q_codes, colmaps) -> Layout:
     sizes = [bh * nk * nb, bh * nk * 4]
     sizes += [bh * nk * dvp, bh * dvp * 4, bh * dvp * 4, bh * cdiv(nk, block_n) * dvp * 4] if pv8 else [0] * 4
-    sizes += [bh * nq * nb, bh * nq * 4, bh * nq * 4] if colmaps else [0] * 3
+    sizes += [bh * nq * nb, bh * nq * 4] if q_codes or colmaps else [0] * 2
+    sizes += [bh * nq * 4] if colmaps else [0]
     offs, off = [], 0
     for n in sizes:
         offs.append(off)
@@ -386,6 +403,12 @@ def _kv_chunks(bh, nk, device, unit):
     return chunk, cdiv(nk, chunk)
 
 
+def _sub_rows(dpt: int, block_m: int) -> int:
+    """Rows of Q quantized at a time at int4/int2 (~1K elements: no more registers than the
+    attention loop needs, from the sm_86 compiles of ``_aot``)."""
+    return min(block_m, max(4, 1024 // dpt))
+
+
 class _Plan(NamedTuple):
     """Everything about a call that depends only on its shapes and options (cached)."""
     lay: Layout
@@ -412,7 +435,8 @@ def _plan(key, b, h, nq, nk, d, dv, dtype, dev, qk_bits, pv_bits, smooth_k, rota
     if pv_bits == 8:
         bn = max(bn, 32)  # K of the int8 P·V dot
     col_maps = "cls" in maps or "received" in maps
-    lay = layout(b * h, nq, nk, nb, dvp, bn, pv_bits == 8, col_maps)
+    staged = qk_bits != 8
+    lay = layout(b * h, nq, nk, nb, dvp, bn, pv_bits == 8, staged, col_maps)
     block_r = _row_block(dpt)
     chunk, nchunk = _kv_chunks(b * h, nk, dev, max(bn, block_r))
     log2_rot = (d_eff.bit_length() - 1) if rotate else 0
@@ -420,7 +444,8 @@ def _plan(key, b, h, nq, nk, d, dv, dtype, dev, qk_bits, pv_bits, smooth_k, rota
                DPT=dpt, NGRID=len(quant.CLIP_GRID.get(qk_bits, (0,))))
     prep_consts = dict(BITS=qk_bits, SMOOTH=bool(smooth_k), **rot, BLOCK_R=block_r,
                        PV8=pv_bits == 8, DVP=dvp, BLOCK_N=bn, BLOCK_D=min(64, dvp), num_warps=4)
-    consts = dict(QK_BITS=qk_bits, PV_BITS=pv_bits, DVP=dvp, **rot,
+    consts = dict(QK_BITS=qk_bits, PV_BITS=pv_bits, DVP=dvp, **rot, Q_STAGED=staged,
+                  SUB_M=_sub_rows(dpt, bm),
                   HAS_MASK=mask_kind, MASK_BOOL=mask_bool,
                   PV_BF16=dtype == torch.bfloat16, INTERP=INTERPRET,
                   WRITE_LSE=col_maps, WRITE_ENT="entropy" in maps)

@@ -206,8 +206,10 @@ def quant_tile(x, Grid, BITS: tl.constexpr, D_EFF: tl.constexpr, DPT: tl.constex
         rms = tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=1), tl.full(absmax.shape, D_EFF, tl.float32)))
         # Candidates as quant.token_scales: the absmax first, then min(a·rms, absmax) over the
         # CLIP_GRID; strict comparison, so ties keep the earlier candidate.
+        # A rolled loop: unrolled, the candidates' error tiles overlap and the attention kernel
+        # (which runs this on its Q tile) spills.
         best_err, s = _clip_err(x, valid, absmax, BITS)
-        for i in tl.static_range(NGRID):
+        for i in range(NGRID):
             err, si = _clip_err(x, valid, tl.minimum(tl.load(Grid + i) * rms, absmax), BITS)
             better = err < best_err
             best_err = tl.where(better, err, best_err)
