@@ -33,7 +33,8 @@ def status():
 
 
 def supports(device: torch.device) -> bool:
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if INTERPRET:  # the interpreter runs on host memory (it copies CUDA tensors over and back)
         return device.type in ("cpu", "cuda")
     return device.type == "cuda"
@@ -47,13 +48,21 @@ def attention(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=No
               smooth_k: bool = True, rotate: bool | None = None, return_maps=(), out=None):
     """Quantized attention on validated (B, H, N, D) inputs → (out in q.dtype, maps).
     ``out``: optional preallocated (B, H, Nq, Dv) tensor of q's dtype to write into."""
-    if not supports(q.device):
-        raise ValueError(f"the triton backend cannot run tensors on device {q.device} "
+    dev = q.device
+    if not supports(dev):
+        raise ValueError(f"the triton backend cannot run tensors on device {dev} "
                          f"({status().reason})")
-    from .flash import forward
+    forward = _forward()
     kw = dict(qk_bits=qk_bits, pv_bits=pv_bits, scale=scale, attn_mask=attn_mask,
               smooth_k=smooth_k, rotate=rotate, return_maps=return_maps, out=out)
-    if q.device.type == "cuda" and not INTERPRET:
-        with torch.cuda.device(q.device):  # launch on the tensors' GPU, not the current one
+    if dev.type == "cuda" and not INTERPRET and dev.index is not None \
+            and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):  # launch on the tensors' GPU, not the current one
             return forward(q, k, v, **kw)
     return forward(q, k, v, **kw)
+
+
+@functools.cache
+def _forward():  # imported on first use (the kernels compile lazily anyway), then cached
+    from .flash import forward
+    return forward

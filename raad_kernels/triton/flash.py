@@ -420,7 +420,7 @@ class _Plan(NamedTuple):
     consts: dict
     colmaps: tuple | None  # (grid, consts) of the column-maps pass
     grid_t: torch.Tensor
-    mask_kind: int
+    dummy: torch.Tensor  # for pointer arguments a call does not use
 
 
 _PLANS: dict = {}
@@ -469,7 +469,8 @@ def _plan(key, b, h, nq, nk, d, dv, dtype, dev, qk_bits, pv_bits, smooth_k, rota
     if len(_PLANS) > 512:  # a model has a handful of shapes; this only bounds a pathological caller
         _PLANS.clear()
     p = _PLANS[key] = _Plan(lay, ((b * h * nchunk),), (chunk, nchunk, *lay[:5]), prep_consts,
-                            grid, tuple(lay[:8]), consts, colmaps, grid_t, mask_kind)
+                            grid, tuple(lay[:8]), consts, colmaps, grid_t,
+                            placeholder(torch.float32, dev))
     return p
 
 
@@ -494,14 +495,20 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
     maps = tuple(return_maps or ())
     if debug is not None and "cls" not in maps and "received" not in maps:
         maps += ("received",)  # so Q's codes are written to the workspace
-    mask_t, (smb, smh, smm, smn), mask_bool = _mask_args(attn_mask, (b, h, nq, nk), dev)
-    # 0: no mask; 1: per key (the same for every query: key padding), a vector per key block;
-    # 2: a general (Nq, Nk) mask, a tile per block.
-    mask_kind = 0 if attn_mask is None else (1 if smm == 0 or nq == 1 else 2)
+    if attn_mask is None:
+        mask_t, smb, smh, smm, smn, mask_bool, mask_kind = None, 0, 0, 0, 0, False, 0
+    else:
+        mask_t, (smb, smh, smm, smn), mask_bool = _mask_args(attn_mask, (b, h, nq, nk), dev)
+        # 1: per key (the same for every query: key padding), a vector per key block;
+        # 2: a general (Nq, Nk) mask, a tile per block.
+        mask_kind = 1 if smm == 0 or nq == 1 else 2
     key = (q.shape, nk, dv, q.dtype, dev, qk_bits, pv_bits, smooth_k, rotate, maps, mask_kind,
            mask_bool, block_m, block_n)
     plan = _PLANS.get(key) or _plan(key, b, h, nq, nk, d, dv, q.dtype, dev, qk_bits, pv_bits,
                                     smooth_k, rotate, maps, mask_kind, mask_bool, block_m, block_n)
+    dummy = plan.dummy
+    if mask_t is None:
+        mask_t = dummy
 
     if out is None:
         out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=dev)
@@ -517,7 +524,6 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
         if name not in maps_out:
             shape = (b, h, nq) if name == "entropy" else (b, h, nk)
             maps_out[name] = torch.empty(shape, dtype=torch.float32, device=dev)
-    dummy = placeholder(torch.float32, dev)
     ws = torch.empty(plan.lay.total, dtype=torch.int8, device=dev)
 
     _prep_kv_kernel[plan.prep_grid](k, v, ws, plan.grid_t, nk, d, dv, h, *k.stride(), *v.stride(),
