@@ -486,6 +486,8 @@ class QuantReport:
     unswappable: list[tuple[str, str, str]] = field(default_factory=list)
     #: ``nn.Linear`` modules now running as W8A8 :class:`~raad_kernels.linear.QuantLinear`.
     linears: list[str] = field(default_factory=list)
+    #: The plan's ``autocast`` section as applied ({"dtype", "modules"}), or None.
+    autocast: Optional[dict] = None
 
     def plan(self, avg_bits: Optional[float] = None) -> dict:
         """The swapped modules as a plan in the file format (for :func:`save_plan`)."""
@@ -500,6 +502,8 @@ class QuantReport:
         out["layers"] = layers
         if self.linears:
             out["linears"] = {"bits": 8, "under": list(self.linears)}
+        if self.autocast:
+            out["autocast"] = dict(self.autocast)
         return out
 
     def __str__(self) -> str:
@@ -514,6 +518,8 @@ class QuantReport:
             lines.append(f"  UNSWAPPABLE {n or '<root>'}  ({c.rsplit('.', 1)[-1]})  {why}")
         if self.linears:
             lines.append(f"  {len(self.linears)} linear layer(s) at int8 (W8A8): {', '.join(self.linears)}")
+        if self.autocast:
+            lines.append(f"  under {self.autocast['dtype']} autocast: {', '.join(self.autocast['modules'])}")
         return "\n".join(lines)
 
 
@@ -555,7 +561,7 @@ def _resolve(plan):
         source = plan if not isinstance(plan, dict) else None
         data = plan_mod.load_plan(plan)
         layers = {n: ((e["qk_bits"], e["pv_bits"]), e.get("score")) for n, e in data["layers"].items()}
-        return ("layers", layers, source, data.get("linears"))
+        return ("layers", layers, source, data.get("linears"), data.get("autocast"))
     if callable(plan):
         return ("fn", plan)
     raise TypeError(f"plan must be an int, a dict, a path to a JSON plan or a callable (name, module) -> "
@@ -573,7 +579,8 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     ``(qk_bits, pv_bits)`` pair or a ``{"qk_bits", "pv_bits"}`` dict. ``filter_fn(name, module)``
     further limits which modules are swapped. ``linear_bits=8`` also runs every ``nn.Linear`` of
     the model as W8A8 (:mod:`raad_kernels.linear`); a plan file's ``linears`` section does the
-    same for the module-name prefixes it lists. Modules that are already ``QuantAttention`` get the
+    same for the module-name prefixes it lists, and its ``autocast`` section runs the modules it
+    names under ``torch.autocast`` (:mod:`raad_kernels.autocast`). Modules that are already ``QuantAttention`` get the
     plan's bits. A plan naming a module the model does not have (or one that cannot be swapped)
     is refused with the nearest names. The report (swapped, left float, unswappable) is kept as
     ``model.raad_report`` and printed with ``verbose=True``. If ``model`` is itself an attention
@@ -588,6 +595,14 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     linears = dict(resolved[3] or {}) if resolved[0] == "layers" else {}
     if linear_bits is not None:
         linears["bits"] = check_linear_bits(linear_bits)
+    autocast = resolved[4] if resolved[0] == "layers" else None
+    if autocast:   # checked before anything is swapped: a bad plan changes nothing
+        all_mods = dict(model.named_modules())
+        bad = [n for n in autocast["modules"] if n not in all_mods]
+        if bad:
+            raise plan_mod.PlanError(f"{plan_mod._where(resolved[2])}: autocast names module(s) {bad} that "
+                                     f"the model does not have; nearest: "
+                                     f"{', '.join(plan_mod.nearest_names(bad[0], all_mods)) or '(none)'}")
     if linears.get("under"):   # checked before anything is swapped: a bad plan changes nothing
         source = resolved[2] if resolved[0] == "layers" else None
         check_under(model, linears["under"], f"{plan_mod._where(source)}: linears.under")
@@ -664,6 +679,10 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     if linears:
         quantize_linears(new_root, linears["bits"], under=linears.get("under"))
     report.linears = [n for n, m in new_root.named_modules() if isinstance(m, QuantLinear)]
+    if autocast:
+        from .autocast import autocast_modules
+        report.autocast = {"dtype": autocast["dtype"],
+                           "modules": autocast_modules(new_root, autocast["dtype"], autocast["modules"])}
     object.__setattr__(new_root, "raad_report", report)
     if verbose:
         print(report)

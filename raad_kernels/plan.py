@@ -4,7 +4,11 @@ File format, version 1::
 
     {"version": 1, "avg_bits": 4.0,
      "layers": {"student.blocks.0.attn": {"qk_bits": 2, "pv_bits": 8, "score": 0.12}, ...},
-     "linears": {"bits": 8, "under": ["student.blocks"]}}
+     "linears": {"bits": 8, "under": ["student.blocks"]},
+     "autocast": {"dtype": "bfloat16", "modules": ["teacher"]},
+     "timing": {"device": "cpu: ...", "threads": 2, "batch": 8, "unit": "ms",
+                "layers": {"student.blocks.0.attn": {"8/8": 10.3, "4/8": 12.4, "16/16": 19.0}},
+                "parts": {"teacher": {"fp32": 47.0, "bfloat16": 30.0}}, "rest": 80.0}}
 
 ``layers`` maps a module name (as ``model.named_modules()`` spells it) to its bits; ``score``
 (HQS) and ``avg_bits`` are optional and carried along untouched. ``linears`` (optional) runs
@@ -16,6 +20,13 @@ as W8A8 :class:`~raad_kernels.linear.QuantLinear`; without it the linears stay f
 :func:`layer_bits` reads: a flat dict ``{name: bits}`` where ``bits`` is an int (``qk_bits``; P·V
 then runs at 8, or 16 with 16), a ``(qk_bits, pv_bits)`` pair or a ``{"qk_bits", "pv_bits"}``
 dict.
+
+``autocast`` (optional) runs the ``forward`` of each listed module (exact names) under
+``torch.autocast`` at ``dtype`` (``bfloat16`` or ``float16``), its outputs cast back to the inputs'
+float dtype. ``timing`` (optional) is what the plan was chosen from: milliseconds per batch of
+each layer at each ``"qk_bits/pv_bits"`` setting, of other parts at each arithmetic, and of the
+rest of a forward, measured on ``device`` (:mod:`raad_kernels.timing`); it is carried along and
+never applied.
 """
 
 from __future__ import annotations
@@ -31,9 +42,12 @@ from collections.abc import Iterable, Mapping
 PLAN_VERSION = 1
 MODULE_QK_BITS = (2, 4, 8, 16)
 MODULE_PV_BITS = (8, 16)
-TOP_KEYS = ("version", "avg_bits", "layers", "linears")
+TOP_KEYS = ("version", "avg_bits", "layers", "linears", "autocast", "timing")
 LINEAR_KEYS = ("bits", "under")
 LAYER_KEYS = ("qk_bits", "pv_bits", "score")
+AUTOCAST_KEYS = ("dtype", "modules")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+TIMING_KEYS = ("device", "threads", "batch", "unit", "layers", "parts", "rest")
 
 
 class PlanError(ValueError):
@@ -127,6 +141,80 @@ def validate(plan: Mapping, source=None) -> dict:
         out["layers"][name] = e
     if plan.get("linears") is not None:
         out["linears"] = validate_linears(plan["linears"], where)
+    if plan.get("autocast") is not None:
+        out["autocast"] = validate_autocast(plan["autocast"], where)
+    if plan.get("timing") is not None:
+        out["timing"] = validate_timing(plan["timing"], where)
+    return out
+
+
+def validate_autocast(spec, where: str = "plan") -> dict:
+    """The plan's ``autocast`` section: ``{"dtype": "bfloat16", "modules": [module names]}``."""
+    key = f"{where}: autocast"
+    if not isinstance(spec, Mapping):
+        raise PlanError(f"{key} must be an object {{'dtype': 'bfloat16', 'modules': [...]}}, got {spec!r}")
+    extra = sorted(set(spec) - set(AUTOCAST_KEYS))
+    if extra:
+        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(AUTOCAST_KEYS)}")
+    if spec.get("dtype") not in AUTOCAST_DTYPES:
+        raise PlanError(f"{key}: dtype must be one of {list(AUTOCAST_DTYPES)}, got {spec.get('dtype')!r}")
+    mods = spec.get("modules")
+    if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not all(isinstance(m, str) for m in mods):
+        raise PlanError(f"{key}: modules must be a list of module names, got {mods!r}")
+    return {"dtype": spec["dtype"], "modules": list(mods)}
+
+
+def _ms_table(table, key: str) -> dict:
+    """{setting: milliseconds} with positive finite numbers."""
+    if not isinstance(table, Mapping) or not table:
+        raise PlanError(f"{key} must be a non-empty object setting -> milliseconds, got {table!r}")
+    out = {}
+    for setting, ms in table.items():
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms < 0:
+            raise PlanError(f"{key}[{setting!r}] must be a number of milliseconds >= 0, got {ms!r}")
+        out[str(setting)] = float(ms)
+    return out
+
+
+def validate_timing(spec, where: str = "plan") -> dict:
+    """The plan's ``timing`` section (see the module notes); layer settings are ``"qk/pv"``
+    with bits a module may run at."""
+    key = f"{where}: timing"
+    if not isinstance(spec, Mapping):
+        raise PlanError(f"{key} must be an object with keys {list(TIMING_KEYS)}, got {spec!r}")
+    extra = sorted(set(spec) - set(TIMING_KEYS))
+    if extra:
+        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(TIMING_KEYS)}")
+    for k in ("device", "unit"):
+        if not isinstance(spec.get(k), str) or not spec[k]:
+            raise PlanError(f"{key}: {k!r} must be a non-empty string, got {spec.get(k)!r}")
+    if spec["unit"] != "ms":
+        raise PlanError(f"{key}: unit must be 'ms', got {spec['unit']!r}")
+    for k in ("threads", "batch"):
+        v = spec.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PlanError(f"{key}: {k!r} must be a positive int, got {v!r}")
+    out = {k: spec[k] for k in ("device", "threads", "batch", "unit")}
+    layers = spec.get("layers")
+    if not isinstance(layers, Mapping):
+        raise PlanError(f"{key}: 'layers' must be an object (module name -> {{'qk/pv': ms}}), got {layers!r}")
+    out["layers"] = {}
+    for name, table in layers.items():
+        t = _ms_table(table, f"{key}: layers[{name!r}]")
+        for setting in t:
+            qk, _, pv = setting.partition("/")
+            if not (qk.isdigit() and pv.isdigit()):
+                raise PlanError(f"{key}: layers[{name!r}]: setting {setting!r} is not 'qk_bits/pv_bits'")
+            check_bits(int(qk), int(pv), f"{key}: layers[{name!r}][{setting!r}]")
+        out["layers"][name] = t
+    parts = spec.get("parts") or {}
+    if not isinstance(parts, Mapping):
+        raise PlanError(f"{key}: 'parts' must be an object (part -> {{arithmetic: ms}}), got {parts!r}")
+    out["parts"] = {name: _ms_table(t, f"{key}: parts[{name!r}]") for name, t in parts.items()}
+    rest = spec.get("rest", 0.0)
+    if isinstance(rest, bool) or not isinstance(rest, (int, float)) or not math.isfinite(rest) or rest < 0:
+        raise PlanError(f"{key}: 'rest' must be milliseconds >= 0, got {rest!r}")
+    out["rest"] = float(rest)
     return out
 
 
