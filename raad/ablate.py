@@ -54,7 +54,7 @@ def ablate_category(category_dir, cfg: ModelConfig, opts: FitOptions, show=True)
     weights = discrepancy_weights(base, prep.stems, prep.targets)
     names = base.attention_modules()
     hqs_opts = copy.copy(opts)
-    hqs_opts.avg_bits = 4.0
+    hqs_opts.avg_bits, hqs_opts.budget = 4.0, None
     plans = {
         "int8": uniform_plan(names, 8),
         "int4": uniform_plan(names, 4),

@@ -23,6 +23,7 @@ def _model_cfg(args):
 def _fit_opts(args):
     from .train import FitOptions
     return FitOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, avg_bits=args.avg_bits,
+                      budget=args.budget, max_damage=args.max_damage,
                       stage2_steps=args.stage2_steps, seed=args.seed, device=args.device,
                       linear_bits=args.linear_bits, **({"fpr": args.fpr} if "fpr" in args else {}))
 
@@ -61,6 +62,17 @@ def cmd_fit(args):
     for name, s in res.items():
         stages = ", ".join(f"{k} {v} s" for k, v in s.get("stage_seconds", {}).items())
         print(f"{name}: fitted in {s['seconds']} s ({stages}) -> {Path(args.out) / name}")
+        if s.get("speed_plan"):
+            print("  " + speed_line(s["speed_plan"]))
+
+
+def speed_line(r: dict) -> str:
+    """One line on a plan chosen by measured speed (raad.speedplan's report)."""
+    parts = ", ".join(f"{k} {v['chosen']}" for k, v in r["parts"].items())
+    goal = "fastest" if r["budget"] == "fastest" else f"{r['budget']:g} ms"
+    return (f"plan by measured speed ({goal}{'' if r['met'] else ', not met: the fastest there is'}): "
+            f"predicted {r['predicted_ms']:.1f} ms per batch against {r['float_ms']:.1f} ms with float "
+            f"attention; {parts}; damage {r['damage']['parts'] + r['damage']['attention']:.2g}")
 
 
 def cmd_score(args):
@@ -132,9 +144,11 @@ def cmd_calibrate(args):
 
 
 def cmd_bench(args):
+    from .peers import PEERS
     from .score import bench
     r = bench(args.run_dir, device=args.device, batch=args.batch_size, repeats=args.repeats,
-              data_dir=args.data)
+              data_dir=args.data,
+              peers=() if args.peers is None else (args.peers or PEERS))
     if args.json:
         print(json.dumps(r))
     else:
@@ -144,6 +158,20 @@ def cmd_bench(args):
         if "attention_only_images_per_s" in r:
             print(f"  the plan's attention alone (linears float): {r['attention_only_images_per_s']:.2f} img/s, "
                   f"{r['attention_only_speedup']:.2f}x")
+        for k, v in r.get("peers", {}).items():
+            print(f"  {k}: {v['images_per_s']:.2f} img/s, {v['speedup']:.2f}x fp32; the plan is "
+                  f"{r['plan_vs_peers'][k]:.2f}x its speed")
+        if r.get("deviation"):
+            print("  largest map difference from fp32 (share of fp32's largest value): " + ", ".join(
+                f"{k} {v:.2g}" for k, v in r["deviation"].items()))
+        for k, v in (r.get("detection") or {}).items():
+            print(f"  {k}: image AUROC {_f(v['image_auroc'])}, AU-PRO {_f(v['aupro'])}")
+        pt = r["plan_timing"]
+        if pt["status"] == "same device":
+            print(f"  the plan's timing table predicted {pt['predicted_ms']:.1f} ms per batch; measured "
+                  f"{pt['measured_ms']:.1f} ms")
+        else:
+            print(f"  the plan's timings: {pt['note']}")
         print("  where a batch's time goes (ms): " + "; ".join(
             f"{k} " + ", ".join(f"{p} {v:.1f}" for p, v in d.items()) for k, d in r["parts_ms"].items()))
         if r["cpu_int8_dot"] is False:
@@ -211,8 +239,16 @@ def build_parser():
         s.add_argument("--stage2-steps", type=int, default=f.stage2_steps)
         s.add_argument("--batch-size", type=int, default=f.batch_size)
         s.add_argument("--lr", type=float, default=f.lr)
+        s.add_argument("--budget", default=None,
+                       help="the plan by measured speed on this device (the default, 'fastest'): "
+                            "'fastest' = the fastest plan whose damage stays under --max-damage; "
+                            "a number = the least damage within that many ms per batch")
+        s.add_argument("--max-damage", type=float, default=f.max_damage,
+                       help="the damage --budget fastest allows (relative change of the held-out "
+                            "anomaly maps plus loss of separation; 0.01 = 1 %%)")
         s.add_argument("--avg-bits", type=float, default=f.avg_bits,
-                       help="average Q·Kᵀ bits (2..8), 16 = full precision")
+                       help="the plan by bits instead (the paper's setting): average Q·Kᵀ bits "
+                            "(2..8); 16 = no plan, full precision")
         s.add_argument("--linear-bits", type=int, default=f.linear_bits, choices=(8, 16),
                        help="the student blocks' linear layers in the plan: 8 = int8 weights and "
                             "activations (W8A8), 16 = float")
@@ -299,6 +335,11 @@ def build_parser():
     s.add_argument("--batch-size", type=int, default=b["batch"])
     s.add_argument("--repeats", type=int, default=b["repeats"], help="timed batches per variant (median)")
     s.add_argument("--data", default=None, help="time on this category's test images (default: noise images)")
+    from .peers import PEERS
+    s.add_argument("--peers", nargs="*", default=None, choices=PEERS, metavar="PEER",
+                   help=f"also time what a user would deploy instead, in the same rounds: "
+                        f"{', '.join(PEERS)} (all of them when none is named; the OpenVINO ones need "
+                        f"the bench extra)")
     s.add_argument("--json", action="store_true", help="print one JSON line")
     s.set_defaults(func=cmd_bench)
 

@@ -32,8 +32,9 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
         print(f"[1/4] generating synthetic categories {cats} in {data_dir}")
         D.make_synthetic(data_dir, categories=cats, seed=0, overwrite=True)
     cfg = ModelConfig(image_size=DEMO_IMAGE_SIZE)
-    opts = FitOptions(steps=steps or FitOptions.steps, avg_bits=4.0)
-    print(f"[2/4] fitting at {cfg.image_size} px ({opts.steps} steps, HQS plan at {opts.avg_bits} average bits)")
+    opts = FitOptions(steps=steps or FitOptions.steps)
+    print(f"[2/4] fitting at {cfg.image_size} px ({opts.steps} steps, the fastest plan on this CPU "
+          f"within {opts.max_damage:g} damage)")
     fits = fit(data_dir, out / "run", cfg, opts, show=show)
     print("[3/4] scoring in fp32 and with the plan")
     rows = {}

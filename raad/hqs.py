@@ -139,6 +139,31 @@ def _separation(m: torch.Tensor, masks: torch.Tensor) -> float:
     return float((a.mean() - n.mean()) / n.std().clamp_min(1e-12))
 
 
+class Probe:
+    """The damage of a change to the detector: on held-out normals and synthetic anomalies made
+    from them, the relative change of the anomaly map plus the relative loss of separation
+    between anomalous and normal pixels, against the float detector's maps."""
+
+    def __init__(self, detector, normals: torch.Tensor, seed: int = 0):
+        grid = normals.shape[-1] // detector.cfg.stride
+        anomalous, masks = synthetic_anomalies(normals, seed=seed, grid=grid)
+        self.batch = torch.cat([normals, anomalous])
+        self.masks = torch.cat([torch.zeros_like(masks), masks])
+        self.ref = self.maps(detector)
+        self.ref_sep = _separation(self.ref, self.masks)
+        self.ref_energy = self.ref.pow(2).mean().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def maps(self, detector) -> torch.Tensor:
+        return detector.combine(*detector.raw_maps(self.batch)).float()
+
+    def damage(self, detector) -> float:
+        m = self.maps(detector)
+        change = float((m - self.ref).pow(2).mean() / self.ref_energy)
+        sep_loss = max(0.0, self.ref_sep - _separation(m, self.masks)) / max(abs(self.ref_sep), 1e-12)
+        return change + sep_loss
+
+
 @torch.no_grad()
 def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int = 0,
                  choices=BIT_CHOICES, progress=None) -> list[LayerScore]:
@@ -147,18 +172,10 @@ def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int
     ``normals``: held-out normal images (ImageNet-normalised); synthetic anomalies are made from
     them. Returns one :class:`LayerScore` per layer, in the order given.
     """
-    grid = normals.shape[-1] // detector.cfg.stride
-    anomalous, masks = synthetic_anomalies(normals, seed=seed, grid=grid)
-    batch = torch.cat([normals, anomalous])
-    all_masks = torch.cat([torch.zeros_like(masks), masks])
-
-    def maps():
-        return detector.combine(*detector.raw_maps(batch))
-
     # float pass, with attention maps for sharpness
     for m in quant_modules.values():
         m.keep_maps = True
-    ref = maps()
+    probe = Probe(detector, normals, seed)
     sharp = {}
     for name, m in quant_modules.items():
         ent = m.maps["entropy"]
@@ -166,8 +183,6 @@ def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int
         sharp[name] = float(1.0 - ent.mean() / math.log(n_keys)) if n_keys > 1 else 0.0
         m.keep_maps = False
         m.maps = None
-    ref_sep = _separation(ref, all_masks)
-    ref_energy = ref.pow(2).mean().clamp_min(1e-12)
 
     scores = []
     steps = [(name, b) for name in quant_modules for b in choices]
@@ -176,11 +191,8 @@ def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int
     for name, b in it:
         mod = quant_modules[name]
         mod.set_bits(b, 8)
-        m = maps()
+        damage[name][b] = probe.damage(detector)
         mod.set_bits(FLOAT_BITS, FLOAT_BITS)
-        change = float((m - ref).pow(2).mean() / ref_energy)
-        sep_loss = max(0.0, ref_sep - _separation(m, all_masks)) / max(abs(ref_sep), 1e-12)
-        damage[name][b] = change + sep_loss
     for name in quant_modules:
         w = 1.0 + sharp[name]
         scores.append(LayerScore(name, damage[name], sharp[name], {b: w * d for b, d in damage[name].items()}))
@@ -188,6 +200,79 @@ def score_layers(detector, quant_modules: dict, normals: torch.Tensor, seed: int
     for s in scores:
         s.score = s.cost[min(choices)] / total
     return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Allocation under a budget in time
+# ----------------------------------------------------------------------------------------------
+
+FLOAT_SETTING = "16/16"
+#: ``--budget fastest`` takes the fastest plan whose summed weighted damage stays under this
+#: (the damage is a relative change of the map plus a relative loss of separation: 0.01 is 1 %)
+MAX_DAMAGE = 0.01
+
+
+def check_budget(budget) -> str | float:
+    """``"fastest"`` or a positive number of milliseconds per batch."""
+    if budget == "fastest":
+        return budget
+    try:
+        ms = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"--budget must be 'fastest' or milliseconds per batch (a number > 0), "
+                         f"got {budget!r}") from None
+    if not math.isfinite(ms) or ms <= 0:
+        raise ValueError(f"--budget must be 'fastest' or milliseconds per batch (a number > 0), got {budget!r}")
+    return ms
+
+
+def setting_costs(score: LayerScore) -> dict[str, float]:
+    """A layer's weighted damage per ``"qk/pv"`` setting: its scores at P·V 8 bits, float at 0;
+    made non-increasing in Q·Kᵀ bits (noise cannot make fewer bits look better)."""
+    out, best = {}, math.inf
+    for b in sorted(score.cost):
+        best = min(best, float(score.cost[b]))
+        out[f"{b}/8"] = best
+    out[FLOAT_SETTING] = 0.0
+    return out
+
+
+def pareto_plans(costs: dict[str, dict[str, float]], times: dict[str, dict[str, float]]):
+    """Every allocation not beaten in both time and damage by another, as (ms, damage,
+    {layer: setting}) sorted by time (exact: a multiple-choice knapsack's Pareto front). Only
+    the settings a layer has both a cost and a time for are considered."""
+    front = [(0.0, 0.0, ())]
+    names = list(costs)
+    for n in names:
+        opts = [s for s in costs[n] if s in times.get(n, {})]
+        if not opts:
+            raise ValueError(f"layer {n!r}: no setting has both a damage and a time "
+                             f"(damage for {sorted(costs[n])}, times for {sorted(times.get(n, {}))})")
+        cand = sorted(((t + times[n][s], c + costs[n][s], a + (s,)) for t, c, a in front for s in opts),
+                      key=lambda p: (p[0], p[1]))
+        front, best = [], math.inf
+        for p in cand:
+            if p[1] < best - 1e-15:
+                front.append(p)
+                best = p[1]
+    return [(t, c, dict(zip(names, a))) for t, c, a in front]
+
+
+def allocate_time(costs: dict[str, dict[str, float]], times: dict[str, dict[str, float]],
+                  budget, rest_ms: float = 0.0, max_damage: float = MAX_DAMAGE):
+    """Settings per layer: with ``budget`` "fastest", the fastest allocation whose summed damage
+    is at most ``max_damage``; with a number of milliseconds, the least damage whose time
+    (``rest_ms`` plus the layers') fits in it, or the fastest there is when none fits. Returns
+    ({layer: setting}, predicted ms, damage, whether the budget was met)."""
+    budget = check_budget(budget)
+    front = pareto_plans(costs, times)
+    if budget == "fastest":
+        t, c, alloc = next(p for p in front if p[1] <= max_damage + 1e-15) if any(
+            p[1] <= max_damage + 1e-15 for p in front) else front[-1]
+        return alloc, rest_ms + t, c, c <= max_damage + 1e-15
+    fits = [p for p in front if rest_ms + p[0] <= budget]
+    t, c, alloc = fits[-1] if fits else front[0]
+    return alloc, rest_ms + t, c, bool(fits)
 
 
 def make_plan(scores: list[LayerScore], avg_bits: float, pv_bits: int = 8) -> dict:

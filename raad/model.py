@@ -195,6 +195,12 @@ class EffNetTeacher(nn.Module):
                 kept = h
         return (h, kept.contiguous()) if fine else h
 
+    def forward(self, image, grid, fine: bool = False):
+        """(stem, targets on ``grid``, block 1's output with ``fine`` else None): one pass, the
+        call a plan's autocast section wraps."""
+        stem, kept = self.stem(image, fine=True) if fine else (self.stem(image), None)
+        return stem, self.targets(stem, grid), kept
+
     def targets(self, stem, grid):
         """The target blocks' features resized to the student's ``grid`` (a (h, w) pair)."""
         h, outs = stem, []
@@ -261,6 +267,10 @@ class TimmViTTeacher(nn.Module):
 
     def stem(self, x):
         return x  # the student embeds the image itself
+
+    def forward(self, image, grid, fine: bool = False):
+        """(the image as the student's input, targets on ``grid``, None)."""
+        return image, self.targets(image, grid), None
 
     def targets(self, image, grid):
         tokens = self.vit.forward_features(image)[:, self.vit.num_prefix_tokens:]
@@ -428,23 +438,34 @@ class Detector(nn.Module):
         """(student input, normalised targets) for an ImageNet-normalised image batch; with
         ``memory``, also the memory's representations ``{"fine", "colour", "lines"}`` from the same
         pass."""
+        out = self._teacher_pass(image, memory)
+        return out[:2] + (M.representations(out[2], image),) if memory else out[:2]
+
+    def _teacher_pass(self, image, memory: bool):
+        """(student input, normalised targets, block 1's output or None)."""
         with torch.no_grad():
-            stem, fine = self.teacher.stem(image, fine=True) if memory else (self.teacher.stem(image), None)
             g = (image.shape[-2] // self.cfg.stride, image.shape[-1] // self.cfg.stride)
-            t = (self.teacher.targets(stem if not self.cfg.teacher.startswith("timm:") else image, g)
-                 - self.t_mean) / self.t_std
-        out = ((stem - self.s_mean) / self.s_std, t)
-        return out + (M.representations(fine, image),) if memory else out
+            stem, t, fine = self.teacher(image, g, fine=memory)
+            t = (t - self.t_mean) / self.t_std
+        return (stem - self.s_mean) / self.s_std, t, fine
+
+    def neural_maps(self, image, memory: bool = False):
+        """The networks' part of a forward: (student–teacher error, student–AE error or None,
+        the teacher's block-1 output for the memory or None). Everything after it (profiles,
+        memory search, normalisation, resizing) is cheap tensor work; a peer runtime that runs
+        the networks (raad.peers) stands in here."""
+        stem, t, fine = self._teacher_pass(image, memory)
+        s, s_ae = self.student(stem)
+        return self.st_error(t, s), None if self.ae is None else self.ae_error(stem, s_ae), fine
 
     def raw_maps(self, image, memory: bool = False):
         """Per-patch squared discrepancies on the student's grid, student–teacher and
         student–AE, each divided by its per-position profile (``st_pos``, ``ae_pos``); with
         ``memory``, a third item: the memory's map (stride 4, already normalised)."""
-        stem, t, *feats = self.teacher_features(image, memory)
-        s, s_ae = self.student(stem)
-        st = _per_position(self.st_error(t, s), self.st_pos)
-        ae = None if self.ae is None else _per_position(self.ae_error(stem, s_ae), self.ae_pos)
-        return (st, ae, self.memory(feats[0])) if memory else (st, ae)
+        st, ae, fine = self.neural_maps(image, memory)
+        st = _per_position(st, self.st_pos)
+        ae = None if ae is None else _per_position(ae, self.ae_pos)
+        return (st, ae, self.memory(M.representations(fine, image))) if memory else (st, ae)
 
     @staticmethod
     def st_error(t, s):

@@ -12,9 +12,11 @@
    autoencoder.
 3. Held-out normal images set the quantile normalisation of both maps; the training images set
    their per-position profiles (the autoencoder's corners, the student's border ring).
-4. HQS scores the attention layers and allocates bits under ``avg_bits`` (see :mod:`raad.hqs`).
-5. Stage 1 swaps the attention for QuantAttention at the plan's bits and, with
-   ``linear_bits=8``, the student blocks' linears for W8A8 QuantLinear (post-training).
+4. HQS scores the attention layers; the plan is chosen by measured speed under ``budget``
+   (default: the fastest whose damage stays under ``max_damage``; :mod:`raad.speedplan`), or
+   by bits under ``avg_bits`` (:mod:`raad.hqs`).
+5. Stage 1 swaps the attention for QuantAttention at the plan's bits and applies the rest of
+   the plan (W8A8 linears, bf16 parts; post-training).
 6. Stage 2 fine-tunes the student under fake quantization (straight-through estimator) at a low
    learning rate, weighting each patch by where the float model's discrepancy concentrates
    (1 + d/mean d), then recalibrates the quantiles with the quantized model.
@@ -39,6 +41,7 @@ from . import pose as P
 from .checkpoint import save_json, save_run
 from .model import Detector, ModelConfig
 from .predict import calibrate_fit
+from .speedplan import LINEAR_SCOPE, budget_plan
 
 Q_LOW, Q_HIGH = 0.9, 0.995   # quantiles of held-out normal maps → 0 and 0.1 (EfficientAD)
 # EfficientAD mines the errors above their 0.999 quantile over 70 000 steps; with a few hundred
@@ -52,7 +55,13 @@ class FitOptions:
     steps: int = 300
     batch_size: int = 8
     lr: float = 1.5e-3   # how it was chosen: docs/history/raad.md
-    avg_bits: float = 4.0
+    # the plan: by measured speed (budget: "fastest", the fastest plan whose damage stays under
+    # max_damage, or milliseconds per batch: the least damage within them; raad.speedplan), or,
+    # with avg_bits, by bits (the paper's setting; 16 = no plan, everything float). Neither
+    # given: budget "fastest".
+    avg_bits: float | None = None
+    budget: str | float | None = None
+    max_damage: float = hqs.MAX_DAMAGE
     stage2_steps: int = 60
     stage2_lr: float = 1e-4
     linear_bits: int = 8   # the student blocks' linears in the plan: 8 = W8A8, 16 = float
@@ -67,7 +76,16 @@ class FitOptions:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.stage2_steps < 0:
             raise ValueError(f"--stage2-steps must be >= 0, got {self.stage2_steps}")
-        hqs.check_avg_bits(self.avg_bits)
+        if self.avg_bits is not None and self.budget is not None:
+            raise ValueError(f"give --avg-bits (a plan by bits) or --budget (a plan by measured speed), "
+                             f"not both (got --avg-bits {self.avg_bits} and --budget {self.budget})")
+        if self.avg_bits is not None:
+            hqs.check_avg_bits(self.avg_bits)
+        if self.budget is not None:
+            self.budget = hqs.check_budget(self.budget)
+        if isinstance(self.max_damage, bool) or not isinstance(self.max_damage, (int, float)) or \
+                not 0 <= self.max_damage < 1:
+            raise ValueError(f"--max-damage must be a number in [0, 1) (0.01 = 1 % of the map), got {self.max_damage!r}")
         if self.linear_bits not in (8, 16):
             raise ValueError(f"--linear-bits must be 8 (int8 weights and activations) or 16 (float), "
                              f"got {self.linear_bits}")
@@ -78,6 +96,12 @@ class FitOptions:
         if not 0 < self.fpr < 0.5:
             raise ValueError(f"--fpr must be a false-alarm rate between 0 and 0.5 (0.01 = 1 %), got {self.fpr}")
         return self
+
+    def mode(self) -> str:
+        """"float" (no plan), "bits" (HQS under avg_bits) or "budget" (by measured speed)."""
+        if self.avg_bits == hqs.FLOAT_BITS:
+            return "float"
+        return "bits" if self.avg_bits is not None else "budget"
 
 
 def _bar(it, desc, total=None, show=True):
@@ -330,14 +354,11 @@ def train_float(prep: Prepared, opts: FitOptions, show=True) -> list:
     return log
 
 
-#: Where the plan runs the linears at int8 (``--linear-bits 8``): every block of the student
-#: (QKV, output projection, MLP). The token embedding, the heads, the autoencoder and the
-#: teacher stay float.
-LINEAR_SCOPE = ("student.blocks",)
-
-
 def deployment_plan(attn_plan: dict, opts: FitOptions) -> dict:
-    """The attention plan plus, with ``opts.linear_bits == 8``, the W8A8 linears section."""
+    """A plan by bits plus, with ``opts.linear_bits == 8``, the W8A8 linears section; a plan by
+    measured speed (it has ``timing``) already holds what its measurements chose."""
+    if "timing" in attn_plan:
+        return attn_plan
     plan = {k: v for k, v in attn_plan.items() if k != "linears"}
     if opts.linear_bits == 8:
         plan["linears"] = {"bits": 8, "under": list(LINEAR_SCOPE)}
@@ -345,11 +366,16 @@ def deployment_plan(attn_plan: dict, opts: FitOptions) -> dict:
 
 
 def hqs_plan(prep: Prepared, opts: FitOptions, show=True):
-    """Score the layers of the (float) detector; returns (plan, scores)."""
+    """Score the layers of the (float) detector and choose the plan (by bits, or by measured
+    speed: :mod:`raad.speedplan`); returns (plan, scores, speed report or None)."""
     mods = quant_modules(prep.det)
     scores = hqs.score_layers(prep.det, mods, prep.normals, seed=opts.seed,
                               progress=lambda it: _bar(it, "HQS scoring", show=show))
-    return deployment_plan(hqs.make_plan(scores, opts.avg_bits), opts), scores
+    if opts.mode() == "budget":
+        plan, report = budget_plan(prep.det, mods, scores, prep.normals,
+                                   replace(opts, budget=opts.budget or "fastest"))
+        return plan, scores, report
+    return deployment_plan(hqs.make_plan(scores, opts.avg_bits), opts), scores, None
 
 
 def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOptions, stage2: bool,
@@ -398,10 +424,12 @@ def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show
                "holdout_images": len(prep.normals), "layout": prep.layout, "memory": prep.memory,
                "train_log": train_log}
     plan = None
-    if opts.avg_bits != hqs.FLOAT_BITS:
+    if opts.mode() != "float":
         with clock("hqs"):
-            plan, scores = hqs_plan(prep, opts, show)
-        save_json(Path(run_dir) / "hqs.json", hqs.details(scores))
+            plan, scores, speed = hqs_plan(prep, opts, show)
+        save_json(Path(run_dir) / "hqs.json", {**hqs.details(scores), **({"speed": speed} if speed else {})})
+        if speed:
+            summary["speed_plan"] = speed
         with clock("quantize_stage2"):
             summary["stage2_log"] = quantize_and_finetune(prep, prep.det, plan, opts, stage2=True, show=show)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -73,3 +73,81 @@ def test_synthetic_anomalies_have_masks_where_pixels_changed():
     assert torch.equal(y, y2) and torch.equal(m, m2)
     _, mg = hqs.synthetic_anomalies(x, seed=1, grid=16)
     assert mg.shape == (4, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Allocation under a budget in time
+# ----------------------------------------------------------------------------------------------
+
+SETTINGS = ("2/8", "4/8", "8/8", "16/16")
+
+
+def _random_case(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    costs = {f"l{i}": {s: float(torch.rand(1, generator=g)) * 0.01 for s in SETTINGS} for i in range(n)}
+    for c in costs.values():
+        c["16/16"] = 0.0
+    times = {f"l{i}": {s: float(torch.rand(1, generator=g)) * 10 + 1 for s in SETTINGS} for i in range(n)}
+    return costs, times
+
+
+def _all_plans(costs, times):
+    names = list(costs)
+    for combo in itertools.product(SETTINGS, repeat=len(names)):
+        yield (sum(times[n][s] for n, s in zip(names, combo)), sum(costs[n][s] for n, s in zip(names, combo)),
+               dict(zip(names, combo)))
+
+
+@given(n=st.integers(1, 4), seed=st.integers(0, 10_000), frac=st.floats(0.0, 1.2))
+@settings(max_examples=60, deadline=None)
+def test_time_budget_gives_the_least_damage_that_fits(n, seed, frac):
+    costs, times = _random_case(n, seed)
+    plans = list(_all_plans(costs, times))
+    fastest = min(p[0] for p in plans)
+    slowest = max(p[0] for p in plans)
+    rest = 3.0
+    budget = rest + fastest + frac * (slowest - fastest)
+    alloc, ms, dmg, met = hqs.allocate_time(costs, times, budget, rest_ms=rest)
+    fits = [p for p in plans if rest + p[0] <= budget]
+    assert met == bool(fits)
+    if fits:
+        assert dmg == pytest.approx(min(p[1] for p in fits), abs=1e-12)
+        assert ms <= budget + 1e-9
+    assert ms == pytest.approx(rest + sum(times[k][s] for k, s in alloc.items()))
+    assert dmg == pytest.approx(sum(costs[k][s] for k, s in alloc.items()), abs=1e-12)
+
+
+@given(n=st.integers(1, 4), seed=st.integers(0, 10_000), bound=st.sampled_from([0.0, 0.002, 0.01, 0.05]))
+@settings(max_examples=60, deadline=None)
+def test_fastest_is_the_fastest_plan_within_the_damage_bound(n, seed, bound):
+    costs, times = _random_case(n, seed)
+    plans = [p for p in _all_plans(costs, times) if p[1] <= bound + 1e-15]
+    alloc, ms, dmg, met = hqs.allocate_time(costs, times, "fastest", max_damage=bound)
+    assert met and dmg <= bound + 1e-12         # all float (damage 0) always fits
+    assert ms == pytest.approx(min(p[0] for p in plans))
+
+
+def test_an_unreachable_budget_gives_the_fastest_plan_and_says_so():
+    costs, times = _random_case(3, 1)
+    alloc, ms, dmg, met = hqs.allocate_time(costs, times, 0.5, rest_ms=10.0)
+    assert not met
+    assert ms == pytest.approx(10.0 + sum(min(t.values()) for t in times.values()))
+
+
+def test_where_quantizing_is_slower_the_layer_stays_float():
+    costs = {"a": {"2/8": 1e-4, "4/8": 1e-5, "8/8": 1e-6, "16/16": 0.0}}
+    times = {"a": {"2/8": 12.0, "4/8": 12.0, "8/8": 11.0, "16/16": 10.0}}
+    assert hqs.allocate_time(costs, times, "fastest")[0] == {"a": "16/16"}
+    times["a"]["8/8"] = 5.0                     # int8 faster: taken, int4 never (slower, worse)
+    assert hqs.allocate_time(costs, times, "fastest")[0] == {"a": "8/8"}
+
+
+@pytest.mark.parametrize("bad", ["fast", -1, 0, float("inf"), None, "nan"])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(ValueError, match="--budget must be 'fastest' or milliseconds"):
+        hqs.check_budget(bad)
+
+
+def test_setting_costs_are_monotone_and_float_is_free():
+    s = hqs.LayerScore("a", {2: 0.1, 4: 0.001, 8: 0.01}, 0.0, {2: 0.1, 4: 0.001, 8: 0.01})
+    assert hqs.setting_costs(s) == {"2/8": 0.1, "4/8": 0.001, "8/8": 0.001, "16/16": 0.0}

@@ -1,0 +1,170 @@
+"""A plan chosen by measured speed (``raad fit --budget fastest|MS``).
+
+On the device the run will score on, at the fit's batch size and real shapes:
+
+1. Parts. The teacher and the autoencoder can run in bf16 (where the hardware has bf16
+   arithmetic: AMX or AVX-512 BF16 CPUs, GPUs); the student its blocks' linears at int8 (W8A8)
+   or, where bf16 is native, the whole student under bf16 autocast.
+   Each alternative is timed against fp32 and its damage measured as HQS measures a layer's
+   (:class:`raad.hqs.Probe`); a part takes the fastest arithmetic whose damage stays under its
+   share of the bound (half the bound, split between the parts).
+2. Layers. With the parts so chosen, every attention layer is timed alone on its real inputs at
+   Q·Kᵀ 2/4/8 bits (P·V 8) and in float (:func:`raad_kernels.timing.time_layers`); the rest of
+   a forward is timed once. The settings come from the exact time/damage Pareto front
+   (:func:`raad.hqs.allocate_time`): ``fastest`` takes the fastest whose summed damage stays
+   under the rest of the bound, a number of milliseconds the least damage that fits.
+
+The plan records the table (``timing``, with the device's name and thread count) it was chosen
+from; ``raad bench`` compares it with what it measures and refuses to claim it on another device.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+import raad_kernels as rk
+from raad_kernels import timing as TM
+from raad_kernels.autocast import autocast_modules
+
+from . import hqs
+
+#: where the plan may run the linears at int8: every block of the student (QKV, output
+#: projection, MLP); the token embedding, the heads, the autoencoder and the teacher stay float
+LINEAR_SCOPE = ("student.blocks",)
+
+
+def bf16_fast(device) -> bool:
+    """Whether ``device`` does bf16 arithmetic natively (a bf16 matmul faster than fp32 there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        from raad_kernels._cpu import capabilities
+        caps = capabilities()
+        return bool(caps.get("amx_bf16") or caps.get("avx512bf16"))
+    except ImportError:
+        return False
+
+
+@dataclass
+class PartChoice:
+    name: str
+    chosen: str
+    ms: dict[str, float] = field(default_factory=dict)
+    damage: dict[str, float] = field(default_factory=dict)
+
+
+def _apply(det, part: str, arith: str):
+    """``det`` (a copy) with ``part`` at ``arith``."""
+    if arith == "fp32":
+        return det
+    if arith == "bfloat16":
+        autocast_modules(det, "bfloat16", [part])
+    elif arith == "int8":
+        rk.quantize_linears(det, 8, under=list(LINEAR_SCOPE))
+    return det
+
+
+def _call(det, part: str, x: torch.Tensor):
+    """One forward of ``part`` alone on batch ``x`` (inputs as the detector gives them)."""
+    g = (x.shape[-2] // det.cfg.stride, x.shape[-1] // det.cfg.stride)
+    if part == "teacher":
+        return lambda: det.teacher(x, g, fine=det.memory is not None)
+    stem = det.teacher_features(x)[0]
+    if part == "ae":
+        return lambda: det.ae(stem)
+    return lambda: det.student(stem)     # its attention float (16/16)
+
+
+def candidates(det, opts) -> dict[str, tuple[str, ...]]:
+    """Arithmetic each part may run at on ``opts.device`` (fp32 first)."""
+    out = {}
+    bf16 = bf16_fast(opts.device)
+    out["teacher"] = ("fp32", "bfloat16") if bf16 else ("fp32",)
+    if det.ae is not None:
+        out["ae"] = ("fp32", "bfloat16") if bf16 else ("fp32",)
+    # the student: its blocks' linears at int8 (W8A8), or the whole student under bf16 autocast
+    # (linears in bf16; its attention then sees bf16 inputs, and float layers run SDPA in bf16)
+    out["student"] = ("fp32",) + (("int8",) if opts.linear_bits == 8 else ()) + (("bfloat16",) if bf16 else ())
+    return out
+
+
+def choose_parts(det, probe: hqs.Probe, x: torch.Tensor, opts, max_damage: float,
+                 repeats: int = 5) -> list[PartChoice]:
+    """Each part's fastest arithmetic within its share of ``max_damage`` (see the module notes)."""
+    cands = candidates(det, opts)
+    share = 0.5 * max_damage / max(1, len(cands))
+    out = []
+    for part, ariths in cands.items():
+        variants = {a: _apply(copy.deepcopy(det), part, a) for a in ariths}
+        with torch.inference_mode():
+            ms = TM.round_robin({a: _call(v, part, x) for a, v in variants.items()}, repeats=repeats,
+                                device=opts.device)
+        dmg = {a: (0.0 if a == "fp32" else probe.damage(v)) for a, v in variants.items()}
+        ok = [a for a in ariths if dmg[a] <= share]
+        chosen = min(ok, key=lambda a: ms[a])
+        out.append(PartChoice(part, chosen, {a: round(v, 3) for a, v in ms.items()},
+                              {a: float(v) for a, v in dmg.items()}))
+    return out
+
+
+def parts_plan(parts: list[PartChoice]) -> dict:
+    """The plan sections (``linears``, ``autocast``) the chosen parts need."""
+    out = {}
+    bf = [p.name for p in parts if p.chosen == "bfloat16"]
+    if bf:
+        out["autocast"] = {"dtype": "bfloat16", "modules": bf}
+    if any(p.chosen == "int8" for p in parts):
+        out["linears"] = {"bits": 8, "under": list(LINEAR_SCOPE)}
+    return out
+
+
+def timing_batch(normals: torch.Tensor, batch: int) -> torch.Tensor:
+    """``batch`` held-out images (repeated when there are fewer)."""
+    reps = -(-batch // len(normals))
+    return torch.cat([normals] * reps)[:batch]
+
+
+def budget_plan(det, mods: dict, scores: list[hqs.LayerScore], normals: torch.Tensor, opts,
+                repeats: int = 5) -> tuple[dict, dict]:
+    """(plan, report) for ``det`` (float, attention as QuantAttention at 16/16) under
+    ``opts.budget``. The report holds the parts' and layers' measurements and the prediction."""
+    budget = hqs.check_budget(opts.budget)
+    max_damage = opts.max_damage
+    device = opts.device
+    probe = hqs.Probe(det, normals, opts.seed)
+    x = timing_batch(normals, opts.batch_size).to(device)
+    parts = choose_parts(det, probe, x, opts, max_damage, repeats)
+    sections = parts_plan(parts)
+    trial = copy.deepcopy(det)
+    rk.quantize_model(trial, {"version": 1, "layers": {n: {"qk_bits": 16, "pv_bits": 16} for n in mods},
+                              **sections})
+    if trial.memory is not None:
+        trial.memory.int8 = True    # the plan's memory search (as raad.checkpoint.load_run sets it)
+    names = list(mods)
+    settings = [TM.setting(b, 8) for b in sorted(hqs.BIT_CHOICES)] + [hqs.FLOAT_SETTING]
+    layers = TM.time_layers(trial, names, lambda: trial(x), settings, repeats=repeats, device=device)
+    with torch.inference_mode():
+        whole = TM.round_robin({"float": lambda: trial(x)}, repeats=repeats, device=device)["float"]
+    rest = max(0.0, whole - sum(layers[n][hqs.FLOAT_SETTING] for n in names))
+    costs = {s.name: hqs.setting_costs(s) for s in scores}
+    spent = sum(p.damage[p.chosen] for p in parts)
+    alloc, predicted, damage, met = hqs.allocate_time(costs, layers, budget, rest_ms=rest,
+                                                      max_damage=max(0.0, max_damage - spent))
+    by_name = {s.name: s for s in scores}
+    plan_layers = {}
+    for n in names:
+        qk, pv = TM.parse_setting(alloc[n])
+        plan_layers[n] = {"qk_bits": qk, "pv_bits": pv, "score": round(by_name[n].score, 6)}
+    table = {"device": TM.device_name(device), "threads": torch.get_num_threads(), "batch": len(x),
+             "unit": "ms", "layers": layers,
+             "parts": {p.name: p.ms for p in parts}, "rest": round(rest, 3)}
+    plan = {"version": 1, "layers": plan_layers, **sections, "timing": table}
+    report = {"budget": budget, "max_damage": max_damage, "met": met,
+              "predicted_ms": round(predicted, 3), "float_ms": round(whole, 3),
+              "damage": {"parts": spent, "attention": damage},
+              "parts": {p.name: {"chosen": p.chosen, "ms": p.ms, "damage": p.damage} for p in parts}}
+    return plan, report
