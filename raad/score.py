@@ -239,7 +239,7 @@ def cpu_int8_dot(device) -> bool | None:
     return has_int8_dot() if torch.device(device).type == "cpu" else None
 
 
-def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None) -> dict:
+def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None, peers=()) -> dict:
     """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
     the same images (median of ``repeats`` batches each); ``speedup`` is the median over the
     rounds of fp32 time / plan time (each round times every variant once, back to back), and
@@ -252,17 +252,24 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
 
     ``data_dir``: a category folder (or a folder of them) whose first ``batch`` test images are
     used; without it, a fixed batch of Gaussian-noise images (attention on noise is flatter than
-    on real images, which matters to the kernels' zero skipping)."""
+    on real images, which matters to the kernels' zero skipping).
+
+    ``peers`` (names from :data:`raad.peers.PEERS`): what a user would deploy instead, built from
+    the same run and timed in the same rounds; for every variant, ``deviation`` is the largest
+    difference of its maps from fp32's on the timed batch relative to fp32's largest value, and
+    with ``data_dir`` every variant is scored on the category's test set (``detection``).
+    ``plan_timing``: what the plan's own timing table (measured at fit time) predicted for a
+    batch, or why it cannot be compared here (measured on another device or thread count)."""
     run = run_categories(run_dir)[0]
     fp32, _, _ = load_run(run, precision="fp32")
     quant, _, plan = load_run(run, precision="plan", backend=backend)
     if plan is None:
         raise ValueError(f"{run}: this run has no plan (fitted with --avg-bits 16): nothing to compare")
     variants = {"fp32": fp32, "plan": quant}
-    if plan.get("linears"):
+    if plan.get("linears") or plan.get("autocast"):
         attn_only, _, _ = load_run(run, precision="fp32")
         import raad_kernels as rk
-        rk.quantize_model(attn_only, {k: v for k, v in plan.items() if k != "linears"}, backend=backend)
+        rk.quantize_model(attn_only, {"version": 1, "layers": plan["layers"]}, backend=backend)
         variants["attention_only"] = attn_only
     for det in variants.values():
         det.to(device)
@@ -278,6 +285,13 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
         source = "Gaussian noise"
     x = x.to(device)
     n = len(x)
+    if peers:
+        from . import peers as P
+        calib = None
+        if data_dir is not None:
+            from .train import load_images
+            calib = load_images(list(D.validate(cat).train)[:32], size, show=False)
+        variants.update(P.build(fp32, list(peers), x.cpu(), calib, device))
     times = {k: [] for k in variants}
     with torch.inference_mode():
         _warm_up(variants, x)
@@ -299,9 +313,41 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     if "attention_only" in ips:
         out["attention_only_images_per_s"] = round(ips["attention_only"], 3)
         out["attention_only_speedup"] = paired("attention_only")
+    if peers:
+        out["peers"] = {k: {"images_per_s": round(ips[k], 3), "speedup": paired(k)} for k in peers}
+        out["plan_vs_peers"] = {k: round(statistics.median(
+            [p / q for p, q in zip(times[k], times["plan"])]), 3) for k in peers}
+    with torch.inference_mode():
+        ref = fp32(x)
+        out["deviation"] = {k: float((det(x).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+                            for k, det in variants.items() if k != "fp32"}
+    if data_dir is not None:
+        test = D.validate(cat)
+        out["detection"] = {k: {m: evaluate(det, test, show=False)[0][m] for m in ("image_auroc", "aupro")}
+                            for k, det in variants.items()}
+    out["plan_timing"] = plan_timing(plan, device, statistics.median(times["plan"]) * 1e3, n)
     out.update({"batch": n, "repeats": repeats, "device": device, "cpu_int8_dot": cpu_int8_dot(device),
                 "threads": torch.get_num_threads(), "image_size": size, "images": source,
                 "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()},
                 "plan_linears": plan.get("linears"),
                 "parts_ms": {k: {p: round(1e3 * v, 3) for p, v in d.items()} for k, d in parts.items()}})
     return out
+
+
+def plan_timing(plan: dict, device, measured_ms: float, batch: int) -> dict:
+    """The plan's timing table against this bench: its prediction for a batch beside what was
+    measured, or why the table does not hold here."""
+    from raad_kernels import timing as TM
+    table = plan.get("timing")
+    if not table:
+        return {"status": "none", "note": "the plan was chosen by bits (--avg-bits): it has no timings"}
+    try:
+        TM.check_device(table, device)
+    except TM.TimingError as e:
+        return {"status": "other device", "note": str(e)}
+    if table["batch"] != batch:
+        return {"status": "other batch", "note": f"the plan's timings are for batches of {table['batch']}, "
+                                                 f"this bench ran {batch}"}
+    predicted = table["rest"] + sum(table["layers"][n][f"{e['qk_bits']}/{e['pv_bits']}"]
+                                    for n, e in plan["layers"].items() if n in table["layers"])
+    return {"status": "same device", "predicted_ms": round(predicted, 3), "measured_ms": round(measured_ms, 3)}

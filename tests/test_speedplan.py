@@ -1,0 +1,112 @@
+"""`raad fit --budget`: a plan chosen by measured speed; `raad bench`: the plan's timing table
+against what it measures, and the deployment peers in the same rounds."""
+
+import json
+
+import pytest
+
+from raad.cli import main
+from raad_kernels import timing as TM
+
+TINY = ["--image-size", "64", "--embed-dim", "32", "--depth", "2", "--num-heads", "1",
+        "--steps", "4", "--stage2-steps", "2", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed")
+    data, run = root / "data", root / "run"
+    assert main(["make-data", str(data), "--categories", "pcb", "--size", "64", "--n-train", "10",
+                 "--n-test-good", "3", "--n-test-defect", "3"]) == 0
+    assert main(["fit", str(data), "--out", str(run), "--quiet"] + TINY) == 0   # default: fastest
+    return data, run
+
+
+def test_the_default_plan_is_chosen_by_measured_speed(fitted):
+    _, run = fitted
+    plan = json.loads((run / "pcb" / "plan.json").read_text())
+    t = plan["timing"]
+    assert t["device"] == TM.device_name("cpu") and t["batch"] == 4 and t["unit"] == "ms"
+    assert set(t["layers"]) == set(plan["layers"]) == {"student.blocks.0.attn", "student.blocks.1.attn"}
+    for name, e in plan["layers"].items():      # every chosen setting was measured
+        assert set(t["layers"][name]) == {"2/8", "4/8", "8/8", "16/16"}
+        assert f"{e['qk_bits']}/{e['pv_bits']}" in t["layers"][name]
+    assert set(t["parts"]) >= {"teacher", "student"} and all(
+        v["fp32"] > 0 for v in t["parts"].values())
+    speed = json.loads((run / "pcb" / "hqs.json").read_text())["speed"]
+    assert speed["budget"] == "fastest" and speed["met"]
+    assert speed["damage"]["parts"] + speed["damage"]["attention"] <= speed["max_damage"] + 1e-12
+    for part, r in speed["parts"].items():      # each part took its fastest arithmetic in bounds
+        ok = [a for a, d in r["damage"].items() if d <= 0.5 * speed["max_damage"] / len(speed["parts"])]
+        assert r["chosen"] == min(ok, key=lambda a: r["ms"][a]), part
+    # the chosen parts are in the plan and applied on load
+    from raad.checkpoint import load_run
+    det, _, _ = load_run(run / "pcb")
+    chosen = {p: r["chosen"] for p, r in speed["parts"].items()}
+    assert ("linears" in plan) == (chosen["student"] == "int8")
+    bf = [p for p, a in chosen.items() if a == "bfloat16"]
+    assert plan.get("autocast", {"modules": []})["modules"] == bf
+    assert det.raad_report.autocast == (plan.get("autocast") or None)
+
+
+def test_an_unreachable_budget_gives_the_fastest_plan_and_says_so(fitted, tmp_path, capsys):
+    data, _ = fitted
+    assert main(["fit", str(data), "--out", str(tmp_path / "r"), "--budget", "0.001"] + TINY) == 0
+    assert "not met: the fastest there is" in capsys.readouterr().out
+    speed = json.loads((tmp_path / "r" / "pcb" / "hqs.json").read_text())["speed"]
+    assert speed["budget"] == 0.001 and not speed["met"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--budget", "fastest", "--avg-bits", "4"], "not both"),
+    (["--budget", "soon"], "--budget must be 'fastest' or milliseconds"),
+    (["--max-damage", "2"], "--max-damage must be a number in"),
+])
+def test_bad_budget_options_are_refused_before_training(fitted, tmp_path, capsys, args, match):
+    data, _ = fitted
+    assert main(["fit", str(data), "--out", str(tmp_path / "r")] + TINY + args) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_compares_the_table_with_its_measurement_and_refuses_another_device(fitted, tmp_path):
+    import shutil
+
+    from raad.score import bench
+    _, run = fitted
+    r = bench(run, batch=4, repeats=2)
+    pt = r["plan_timing"]
+    assert pt["status"] == "same device" and pt["predicted_ms"] > 0 and pt["measured_ms"] > 0
+    assert bench(run, batch=2, repeats=1)["plan_timing"]["status"] == "other batch"
+    other = tmp_path / "pcb"
+    shutil.copytree(run / "pcb", other)
+    plan = json.loads((other / "plan.json").read_text())
+    plan["timing"]["device"] = "cuda: NVIDIA GeForce RTX 3090 Ti (sm_86)"
+    (other / "plan.json").write_text(json.dumps(plan))
+    pt = bench(other, batch=4, repeats=1)["plan_timing"]
+    assert pt["status"] == "other device" and "RTX 3090 Ti" in pt["note"] and "predicted_ms" not in pt
+
+
+def test_bench_peers_run_in_the_same_rounds_and_are_checked_against_fp32(fitted, capsys):
+    pytest.importorskip("openvino", reason="the bench extra (openvino, nncf) is not installed")
+    from raad.peers import PEERS
+    data, run = fitted
+    assert main(["bench", str(run), "--json", "--repeats", "2", "--batch-size", "4", "--data",
+                 str(data), "--peers"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(r["peers"]) == set(PEERS) == set(r["plan_vs_peers"])
+    assert all(v["images_per_s"] > 0 for v in r["peers"].values())
+    # the float exports compute what fp32 computes; the lower precisions differ, a little
+    assert r["deviation"]["openvino-fp32"] < 1e-4 and r["deviation"]["compile"] < 1e-4
+    # (the one-line autocast runs the maps' normalisation in bf16 too: on this 4-step model's
+    # flat maps that is a large share)
+    assert 0 < r["deviation"]["bf16-autocast"] < 1 and 0 < r["deviation"]["openvino-int8"] < 1
+    assert set(r["detection"]) >= {"fp32", "plan"} | set(PEERS)
+    fp32 = r["detection"]["fp32"]["image_auroc"]
+    assert r["detection"]["openvino-fp32"]["image_auroc"] == pytest.approx(fp32, abs=1e-6)
+
+
+def test_unknown_peers_are_refused(fitted):
+    _, run = fitted
+    with pytest.raises(SystemExit):
+        main(["bench", str(run), "--peers", "tensorrt"])
