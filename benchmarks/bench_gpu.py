@@ -180,10 +180,10 @@ def run(args):
         rows += shape_rows
         targets += check_targets(shape_rows, (b, h, n, d), sage is not None)
         write(out_dir, meta, rows, targets, complete=False)
+        if args.speed_table:  # after every shape too: a run cut short still leaves its table
+            write_speed_table(args.speed_table, rows, meta, args.tests_junit)
     write(out_dir, meta, rows, targets, complete=complete)
     print((out_dir / "gpu_results.md").read_text())
-    if args.speed_table:
-        write_speed_table(args.speed_table, rows, meta, args.tests_junit)
 
 
 def bench_shape(b, h, n, d, dev, l2, sage, status, args, budget_s):

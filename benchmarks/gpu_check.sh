@@ -6,16 +6,23 @@
 # Run from the repository root (or anywhere: it cd's there). Steps, each logged, time-boxed and
 # continued past on failure:
 #   1. build the extensions in place for this GPU's architecture (setup.py build_ext --inplace);
-#   2. the `gpu` tests, and the Triton and API tests on the GPU (pytest, xdist when present);
-#   3. compute-sanitizer memcheck and racecheck on one small call of every CUDA kernel;
-#   4. benchmarks/profile_gpu.py (kernels and host time of one small call), then the benchmark
-#      table (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and
-#      against SageAttention 1.0.6 when SAGE_WHEEL_DIR holds its wheel (installed offline into a
-#      temporary folder, --no-deps --no-index);
-#   5. results under $OUT (default ./gpu_check_out): gpu_results.md, gpu_results.json, and the
-#      logs gpu_check.log, build.log, gpu_tests.log, sanitizer.log, profile.log, bench.log.
+#   2. the `gpu` tests, and the Triton, API and dispatch-table tests on the GPU (pytest, xdist
+#      when present; JUnit XML kept: which backends passed decides what enters the speed table),
+#      the CUDA-graph capture tests among them;
+#   3. compute-sanitizer memcheck (every CUDA kernel and the Triton kernels) and racecheck (CUDA
+#      kernels) on small calls;
+#   4. benchmarks/profile_gpu.py (kernels of one small call), benchmarks/host_overhead.py --gpu
+#      (host µs per call against GPU µs, launches per call), then the benchmark table
+#      (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and against
+#      SageAttention 1.0.6 when SAGE_WHEEL_DIR holds its wheel (installed offline into a
+#      temporary folder, --no-deps --no-index), and the speed table `auto` dispatches from;
+#   5. results under $OUT (default ./gpu_check_out): gpu_results.md, gpu_results.json,
+#      gpu_speed.json (to commit as raad_kernels/gpu_speed.json), host_overhead.json, gpu_tests.xml,
+#      and the logs gpu_check.log, build.log, gpu_tests.log, sanitizer.log, profile.log,
+#      host_overhead.log, bench.log.
 # The whole run is budgeted to finish within 8 minutes (GPU_CHECK_BUDGET_S, default 460 s);
-# the exit code is non-zero when the build, a test or a sanitizer check failed.
+# the exit code is non-zero when the build, a test or a sanitizer check failed, 2 when no GPU
+# is visible (nothing is checked then).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -55,6 +62,11 @@ except Exception as e:
 EOF
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee -a "$LOG"
 command -v nvcc >/dev/null && nvcc --version | tail -1 | tee -a "$LOG"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  log "no CUDA GPU visible to torch: nothing to check here (build, tests and timings need one)"
+  log "RESULT: NOT RUN (no GPU)"
+  exit 2
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 1. Build (this GPU's arch only, all cores)
@@ -92,8 +104,11 @@ XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n $(( $(nproc) > 8 ? 8 : $(nproc) ))"
 log "2. pytest -m gpu tests/ and tests/test_triton_backend.py on the GPU ${XDIST:+($XDIST) }(timeout ${T}s)"
 # -rfs --tb=short: each failure's reason; 2 OpenMP threads per worker (no oversubscription).
+# The JUnit XML says per test file what passed: bench_gpu.py lets only those backends into
+# the speed table.
 run_tb "$T" env OMP_NUM_THREADS=2 "$PY" -m pytest -q $XDIST --no-header -p no:cacheprovider -rfs --tb=short \
-  -m "gpu or not slow" tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_api.py tests/test_linear.py \
+  --junitxml="$OUT/gpu_tests.xml" -m "gpu or not slow" tests/test_cuda_backend.py tests/test_triton_backend.py \
+  tests/test_api.py tests/test_linear.py tests/test_dispatch_table.py \
   > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -15 "$OUT/gpu_tests.log" | tee -a "$LOG"
@@ -113,8 +128,11 @@ else
     if [[ $tool == memcheck ]]; then T=$(step_timeout 50 120); else T=$(step_timeout 50 75); fi
     log "3. compute-sanitizer --tool $tool (timeout ${T}s)"
     echo "===== $tool =====" >> "$OUT/sanitizer.log"
+    # memcheck also runs the Triton kernels (their workspace offsets); racecheck (shared
+    # memory) the CUDA ones only
+    SAN_ARGS=""; [[ $tool == memcheck ]] && SAN_ARGS="--triton"
     run_tb "$T" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 \
-      "$PY" benchmarks/sanitize_gpu.py >> "$OUT/sanitizer.log" 2>&1
+      "$PY" benchmarks/sanitize_gpu.py $SAN_ARGS >> "$OUT/sanitizer.log" 2>&1
     rc=$?
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_gpu:" "$OUT/sanitizer.log" | tail -3 | tee -a "$LOG"
     if (( rc == 0 )); then log "   $tool clean"
@@ -146,10 +164,16 @@ T=$(step_timeout 30 60)
 log "4. profile_gpu.py at 8x6x197x64 (timeout ${T}s)"
 run_tb "$T" "$PY" benchmarks/profile_gpu.py > "$OUT/profile.log" 2>&1
 grep -E "host .* ms/call" "$OUT/profile.log" | tee -a "$LOG"
+# host time per call against GPU time, launches per call (target: <= 25 µs host, triton)
+T=$(step_timeout 40 60)
+log "4. host_overhead.py --gpu at 8x6x197x64 (timeout ${T}s)"
+run_tb "$T" "$PY" benchmarks/host_overhead.py --gpu --out "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
+tee -a "$LOG" < "$OUT/host_overhead.log"
 T=$(( $(left) - 10 ))
 if (( T > 30 )); then
-  log "4. bench_gpu.py (budget $((T - 15))s, hard timeout ${T}s)"
-  run_tb "$T" "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget $((T - 15)) > "$OUT/bench.log" 2>&1
+  log "4. bench_gpu.py (budget $((T - 15))s, hard timeout ${T}s) and the speed table"
+  run_tb "$T" "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget $((T - 15)) \
+    --speed-table "$OUT/gpu_speed.json" --tests-junit "$OUT/gpu_tests.xml" > "$OUT/bench.log" 2>&1
   rc=$?
   tail -45 "$OUT/bench.log" | tee -a "$LOG"
   (( rc != 0 )) && log "   bench_gpu.py ended early (rc=$rc; its partial table is in $OUT)"

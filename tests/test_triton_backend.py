@@ -304,10 +304,10 @@ def test_poisoned_outputs_fully_written(qk_bits, pv_bits, dtype):
 
 @pytest.fixture
 def kv_chunks(monkeypatch):
-    """Set how many programs per (batch, head) prepare K and V under the interpreter (the GPU
-    uses more than one at long sequences); a fresh plan cache so the setting takes effect."""
+    """Set how many programs per (batch, head) prepare K and V (by default one, but for long
+    sequences on a GPU); a fresh plan cache so the setting takes effect."""
     def set_chunks(n):
-        monkeypatch.setattr(flash, "INTERPRET_CHUNKS", n)
+        monkeypatch.setattr(flash, "FORCE_CHUNKS", n)
         monkeypatch.setattr(flash, "_PLANS", {})
     return set_chunks
 

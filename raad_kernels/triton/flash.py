@@ -1,5 +1,12 @@
 """Flash-style quantized attention forward in Triton, with the attention maps.
 
+A call is two launches (host time, not GPU time, bounds a ViT-sized call): the K/V preparation
+(``quantize._prep_kv_kernel``: K smoothing, rotation, codes and scales; V's per-channel codes),
+then this attention kernel, which quantizes its own Q rows with the same code (``quant_tile``;
+int8 in registers, int4/int2 a few rows at a time through its rows of the workspace). ``cls``
+and ``received`` add a third. What a call needs besides its outputs is one int8 workspace tensor
+(:class:`Layout`); what depends only on the shapes is cached per shape (:class:`_Plan`).
+
 One program owns ``BLOCK_M`` queries of one (batch, head) and streams over the keys in blocks
 of ``BLOCK_N`` (online softmax in base 2: ``scale · log2(e)`` is folded into the Q scale):
 
@@ -382,8 +389,9 @@ def workspace_views(ws, lay: Layout, b, h, nq, nk, nb, dvp, block_n, qk_bits):
             "v_sums": sec(lay.vsum, b * h * nblk * dvp, torch.int32, (b, h, nblk, dvp))}
 
 
-#: Programs per (batch, head) of the K/V preparation under the interpreter (tests set it > 1).
-INTERPRET_CHUNKS = 1
+#: Programs per (batch, head) of the K/V preparation when set (tests); else 1 under the
+#: interpreter and :func:`_kv_chunks`' choice on a GPU.
+FORCE_CHUNKS: int | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,8 +403,10 @@ def _kv_chunks(bh, nk, device, unit):
     """(keys per program, programs per (batch, head)) of the K/V preparation: one program per
     (batch, head) unless that leaves most SMs idle (the column statistics are then read again
     by every chunk's program, cheap next to the attention at those lengths)."""
-    if INTERPRET:
-        n = INTERPRET_CHUNKS
+    if FORCE_CHUNKS:
+        n = FORCE_CHUNKS
+    elif INTERPRET:
+        n = 1
     else:
         n = max(1, min(cdiv(nk, 512), cdiv(2 * _sm_count(device.index or 0), bh)))
     chunk = cdiv(cdiv(nk, n), unit) * unit

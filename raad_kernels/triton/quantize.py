@@ -1,17 +1,17 @@
 """Fused quantization kernels (the arithmetic of ``raad_kernels.quant``, in Triton).
 
-Two launches prepare everything the attention kernel reads:
+The attention call (``flash.forward``) uses :func:`_prep_kv_kernel`: one launch for K and V
+(K's mean over tokens, then its rows; V's per-channel statistics, then its codes and their
+column sums), writing into the call's workspace; Q is quantized inside the attention kernel by
+the same row code (:func:`quant_tile`). The row arithmetic: load (any strides, any float dtype)
+→ float32 → subtract the K mean → Hadamard rotation (an in-register fast Walsh–Hadamard
+butterfly over the zero-padded power-of-two dim) → per-row scale (absmax at int8; at 4/2 bits
+the least-squared-error candidate among the absmax and ``min(a·rms, absmax)`` for ``a`` in
+``quant.CLIP_GRID``) → round half to even → pack (int4: 2 per byte, int2: 4 per byte,
+``quant.pack``'s layout) → store.
 
-1. :func:`column_stats` — one launch, two kinds of programs: the per-(batch, head, channel)
-   mean of K over tokens (smoothing; a reduction, so it cannot share a launch with the rows it
-   feeds) and, for P·V at 8 bits, the whole per-channel V quantization (mean, absmax of the
-   centred values, int8 codes), three streaming passes over V's tokens in one program.
-2. :func:`quantize_qk` — one launch for the rows of Q and of K: load (any strides, any float
-   dtype) → float32 → subtract the K mean → Hadamard rotation (an in-register fast
-   Walsh–Hadamard butterfly over the zero-padded power-of-two dim) → per-row scale (absmax at
-   int8; at 4/2 bits the least-squared-error candidate among the absmax and ``min(a·rms,
-   absmax)`` for ``a`` in ``quant.CLIP_GRID``) → round half to even →
-   pack (int4: 2 per byte, int2: 4 per byte, ``quant.pack``'s layout) → store.
+:func:`column_stats` and :func:`quantize_qk` are the same arithmetic as standalone launches
+(tests and tools use them: quantize_qk is what the fused path's Q codes are compared with).
 
 Code rows are stored ``DPT`` codes wide (``DPT`` = the head-dim tile: a power of two >= 32 and
 >= the quantized dim ``d_eff``); codes past ``d_eff`` are written as all-zero bits (code 0 at
