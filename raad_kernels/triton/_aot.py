@@ -130,7 +130,7 @@ def compile_fwd(v, arch, capability, maps=True, mask="bool", cfg=None, received=
     d_eff = dpt if qk != 2 else max(16, dpt // 2)  # int2: a padded tail masked on the Q side
     cx = dict(QK_BITS=qk, PV_BITS=pv, DPT=dpt, D_EFF=d_eff, DVP=dvp,
               LOG2_ROT=int(math.log2(d_eff)) if qk != 8 else 0, RSQRT=1.0 / math.sqrt(d_eff),
-              NGRID=8, Q_STAGED=qk != 8, SUB_M=flash._sub_rows(dpt, bm),
+              NGRID=8, Q_STAGED=qk != 8 or bool(maps), SUB_M=flash._sub_rows(dpt, bm),
               HAS_MASK={None: 0, "keys": 1}.get(mask, 2), MASK_BOOL=mask in ("bool", "keys"),
               PV_BF16=dt == "bf16", INTERP=False, WRITE_LSE=bool(maps),
               WRITE_ENT=maps["entropy"] if isinstance(maps, dict) else maps,

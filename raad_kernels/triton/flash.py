@@ -445,7 +445,7 @@ def _plan(key, b, h, nq, nk, d, dv, dtype, dev, qk_bits, pv_bits, smooth_k, rota
     if pv_bits == 8:
         bn = max(bn, 32)  # K of the int8 P·V dot
     col_maps = "cls" in maps or "received" in maps
-    staged = qk_bits != 8
+    staged = qk_bits != 8 or col_maps  # with cls/received the codes go to the workspace anyway
     lay = layout(b * h, nq, nk, nb, dvp, bn, pv_bits == 8, staged, col_maps)
     block_r = _row_block(dpt)
     chunk, nchunk = _kv_chunks(b * h, nk, dev, max(bn, block_r))
