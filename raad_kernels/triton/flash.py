@@ -272,9 +272,10 @@ def _gpu_blocks(dpt: int, dvp: int, pv_bits: int, capability, general_mask: bool
 
     Chosen from ahead-of-time compiles (``python -m raad_kernels.triton._aot``: registers and
     spills as the cubin reports them), not from timings: no GPU was available when these were
-    set. The picks fit the per-block shared memory (99 KB on sm_86/89) and compile without
-    register spills (a few spills of 8-40 bytes at most) for
-    int8/int4/int2 × P·V 8/16 × fp16/bf16/fp32 with the entropy map and a mask. sm_86/89
+    set. The picks fit the per-block shared memory (99 KB on sm_86/89) and compile for
+    int8/int4/int2 × P·V 8/16 × fp16/bf16/fp32 with the entropy map and a mask without
+    register spills on the common path (8-56 bytes with a general mask or fp32 at P·V 16,
+    sm_86, D <= 128). sm_86/89
     (~100 KB shared memory: RTX 30xx/40xx) get 64-row tiles; sm_80/90 128-row tiles with 8
     warps up to D = 128. A general (Nq, Nk) mask tile costs ~80 registers (the pipeliner keeps
     the next tile's addresses live), so it gets narrower key blocks at D >= 128.
@@ -489,7 +490,8 @@ def forward(q, k, v, *, qk_bits: int, pv_bits: int, scale: float, attn_mask=None
             maps_out=None, block_m: int | None = None, block_n: int | None = None, debug=None):
     """Quantized attention; see the module docstring. Two launches (K/V preparation, then
     attention with Q quantized in registers), a third for ``cls``/``received``. No host
-    synchronisation; everything it allocates comes from torch's allocator (CUDA-graph safe).
+    synchronisation; everything it allocates comes from torch's allocator (CUDA-graph safe
+    once the shape has been called outside the capture: the first call compiles and plans).
 
     ``out`` / ``maps_out`` (dict name → tensor): preallocated outputs (tests poison them);
     ``block_m``/``block_n`` override the tile sizes (tests use small ones to exercise many
