@@ -43,6 +43,30 @@ inline __m256 exp2_ps(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The same operations on 16 lanes (the AVX-512 and AMX translation units): each lane's result is
+// exp2_ps's bit for bit.
+inline __m512 exp2_ps512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 t = _mm512_add_ps(x, magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 y = _mm512_set1_ps(0.0013216948f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.0096667539f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.0555083379f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.2402231842f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.6931469440f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+inline __m256 fold512_ps(__m512 v) {  // the two 8-lane halves added: 16 partial sums → 8
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+
 // Round to the 16-bit P·V operand type and back (fp16 via F16C, bf16 by integer RNE; p >= 0).
 template <int PV>
 inline __m256 round16_ps(__m256 p) {
@@ -103,6 +127,25 @@ inline int softmax_row(const float* S, int n32, float bm, float& m, float& l, fl
       nz |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_NEQ_OQ))) << j;
     }
   } else {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    // 16 lanes where the translation unit has AVX-512 (the AVX-512 and AMX kernels, which stay
+    // bit-identical to each other): the exponentials are the same bits as the 8-lane code's,
+    // the sums of l and t are added in another order (a rounding apart from AVX2's)
+    const __m512 vm16 = _mm512_set1_ps(mnew), k255x = _mm512_set1_ps(255.f), floor16 = _mm512_set1_ps(-150.f);
+    __m512 lsum16 = _mm512_setzero_ps(), tsum16 = _mm512_setzero_ps();
+    for (int j = 0; j < n32; j += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(S + j), vm16);
+      const __m512 p = exp2_ps512(d);
+      lsum16 = _mm512_add_ps(lsum16, p);
+      if constexpr (ENT) tsum16 = _mm512_fmadd_ps(p, _mm512_max_ps(d, floor16), tsum16);
+      if constexpr (CACHE)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cache + j), _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT));
+      // round half to even, then 0..255 to bytes (no saturation needed)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(P8 + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(p, k255x))));
+    }
+    lsum = fold512_ps(lsum16);
+    if constexpr (ENT) tsum = fold512_ps(tsum16);
+#else
     for (int j = 0; j < n32; j += 32) {
       __m256 p[4];
       for (int u = 0; u < 4; ++u) {
@@ -122,6 +165,7 @@ inline int softmax_row(const float* S, int n32, float bm, float& m, float& l, fl
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(P8 + j),
                           _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     }
+#endif
   }
   l = l * alpha + hsum8_q(lsum);
   if constexpr (ENT) t += hsum8_q(tsum);
