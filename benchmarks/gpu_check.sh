@@ -16,6 +16,9 @@
 #      (benchmarks/bench_gpu.py): cuda/triton against SDPA fp16/bf16, and against
 #      SageAttention 1.0.6 when SAGE_WHEEL_DIR holds its wheel (installed offline into a
 #      temporary folder, --no-deps --no-index), and the speed table `auto` dispatches from;
+#   4b. the detector: a real-photo category fitted with --device cuda (the plan timed on this
+#      GPU), scored there in both precisions, and raad bench --device cuda at batch 32 against
+#      fp16/bf16 autocast and torch.compile, CUDA-graph replays (detector_gpu.json);
 #   5. results under $OUT (default ./gpu_check_out): gpu_results.md, gpu_results.json,
 #      gpu_speed.json (to commit as raad_kernels/gpu_speed.json), host_overhead.json, gpu_tests.xml,
 #      and the logs gpu_check.log, build.log, gpu_tests.log, sanitizer.log, profile.log,
@@ -108,7 +111,7 @@ log "2. pytest -m gpu tests/ and tests/test_triton_backend.py on the GPU ${XDIST
 # the speed table.
 run_tb "$T" env OMP_NUM_THREADS=2 "$PY" -m pytest -q $XDIST --no-header -p no:cacheprovider -rfs --tb=short \
   --junitxml="$OUT/gpu_tests.xml" -m "gpu or not slow" tests/test_cuda_backend.py tests/test_triton_backend.py \
-  tests/test_api.py tests/test_linear.py tests/test_dispatch_table.py \
+  tests/test_api.py tests/test_linear.py tests/test_dispatch_table.py tests/test_speedplan.py \
   > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -15 "$OUT/gpu_tests.log" | tee -a "$LOG"
@@ -169,6 +172,24 @@ T=$(step_timeout 40 60)
 log "4. host_overhead.py --gpu at 8x6x197x64 (timeout ${T}s)"
 run_tb "$T" "$PY" benchmarks/host_overhead.py --gpu --out "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
 tee -a "$LOG" < "$OUT/host_overhead.log"
+# the detector at 256 px: one real-photo category fitted for this GPU (training on the CPU, the
+# plan timed on the GPU), scored on it in both precisions, then raad bench at batch 32 against
+# fp16/bf16 autocast and torch.compile, every variant replayed from CUDA graphs
+T=$(step_timeout 200 150)
+log "4. the detector on the GPU: make-data --real brick, fit --device cuda, score, bench --batch-size 32 --peers (timeout ${T}s)"
+run_tb "$T" env OUT="$OUT" PY="$PY" bash -c '
+  set -e; D="$OUT/detector"; mkdir -p "$D"
+  "$PY" -m raad.cli make-data "$D/data" --real --categories brick
+  "$PY" -m raad.cli fit "$D/data/brick" --out "$D/run" --device cuda --quiet
+  for p in plan fp32; do "$PY" -m raad.cli score "$D/run" "$D/data/brick" --out "$D/scores_$p" --precision $p --device cuda --quiet; done
+  "$PY" -m raad.cli bench "$D/run" --device cuda --batch-size 32 --repeats 20 --data "$D/data/brick" --peers --json > "$OUT/detector_gpu.json"
+  cp "$D/run/plan.json" "$OUT/detector_plan.json"; cp "$D/run/hqs.json" "$OUT/detector_hqs.json"
+  cp "$D/scores_plan/metrics.json" "$OUT/detector_metrics_plan.json"; cp "$D/scores_fp32/metrics.json" "$OUT/detector_metrics_fp32.json"
+' > "$OUT/detector.log" 2>&1
+rc=$?
+tail -12 "$OUT/detector.log" | tee -a "$LOG"
+if (( rc == 0 )); then log "   detector on the GPU: $OUT/detector_gpu.json"
+else log "   the detector step failed or timed out (rc=$rc)"; FAIL=1; fi
 T=$(( $(left) - 10 ))
 if (( T > 30 )); then
   log "4. bench_gpu.py (budget $((T - 15))s, hard timeout ${T}s) and the speed table"

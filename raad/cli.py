@@ -77,7 +77,8 @@ def speed_line(r: dict) -> str:
 
 def cmd_score(args):
     from .score import score
-    res = score(args.run_dir, args.data_dir, args.out, precision=args.precision, show=not args.quiet)
+    res = score(args.run_dir, args.data_dir, args.out, precision=args.precision, show=not args.quiet,
+                device=args.device)
     for name, r in res.items():
         print(f"{name}: image AUROC {_f(r['image_auroc'])}  pixel AUROC {_f(r['pixel_auroc'])}  "
               f"AU-PRO {_f(r['aupro'])}  F1-max {_f(r['f1_max'])}")
@@ -144,11 +145,12 @@ def cmd_calibrate(args):
 
 
 def cmd_bench(args):
-    from .peers import PEERS
+    from .peers import default_peers
     from .score import bench
     r = bench(args.run_dir, device=args.device, batch=args.batch_size, repeats=args.repeats,
               data_dir=args.data,
-              peers=() if args.peers is None else (args.peers or PEERS))
+              peers=() if args.peers is None else (args.peers or default_peers(args.device)),
+              graph=False if args.no_graph else None)
     if args.json:
         print(json.dumps(r))
     else:
@@ -253,7 +255,9 @@ def build_parser():
                        help="the student blocks' linear layers in the plan: 8 = int8 weights and "
                             "activations (W8A8), 16 = float")
         s.add_argument("--seed", type=int, default=f.seed)
-        s.add_argument("--device", default=f.device)
+        s.add_argument("--device", default=f.device,
+                       help="the device the run will score on (cpu or cuda): the plan is timed and the "
+                            "decision threshold set there; training runs on the CPU")
 
     s = sub.add_parser("make-data", help="generate categories in the MVTec AD layout: synthetic, or "
                                          "defects drawn on packaged real photographs (--real)")
@@ -295,6 +299,7 @@ def build_parser():
     s.add_argument("data_dir")
     s.add_argument("--out", required=True)
     s.add_argument("--precision", choices=("plan", "fp32"), default="plan")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU the forward is replayed from CUDA graphs)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_score)
 
@@ -338,8 +343,11 @@ def build_parser():
     from .peers import PEERS
     s.add_argument("--peers", nargs="*", default=None, choices=PEERS, metavar="PEER",
                    help=f"also time what a user would deploy instead, in the same rounds: "
-                        f"{', '.join(PEERS)} (all of them when none is named; the OpenVINO ones need "
+                        f"{', '.join(PEERS)} (when none is named: OpenVINO's and bf16 autocast on a "
+                        f"CPU, fp16 and bf16 autocast on a GPU, and torch.compile; OpenVINO needs "
                         f"the bench extra)")
+    s.add_argument("--no-graph", action="store_true",
+                   help="on a GPU, time the eager forwards instead of CUDA-graph replays")
     s.add_argument("--json", action="store_true", help="print one JSON line")
     s.set_defaults(func=cmd_bench)
 

@@ -1,8 +1,10 @@
 """What a user would deploy instead of the plan, built from the same fitted run (``raad bench
 --peers``).
 
-* ``bf16-autocast``: the fp32 detector under ``torch.autocast`` (one line of torch).
-* ``compile``: the fp32 detector under ``torch.compile`` (inductor).
+* ``bf16-autocast``, ``fp16-autocast``: the fp32 detector under ``torch.autocast`` (one line of
+  torch; fp16 is the usual choice on a GPU).
+* ``compile``: the fp32 detector under ``torch.compile`` (inductor; on a GPU in its
+  ``reduce-overhead`` mode, which replays CUDA graphs).
 * OpenVINO (anomalib's CPU path): the detector's networks (teacher, student, autoencoder:
   :meth:`raad.model.Detector.neural_maps`) exported with ``openvino.convert_model`` and compiled
   in fp32 (``openvino-fp32``: ``INFERENCE_PRECISION_HINT`` f32), in OpenVINO's default precision
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 OPENVINO = ("openvino-fp32", "openvino", "openvino-int8")
-TORCH = ("bf16-autocast", "compile")
+TORCH = ("bf16-autocast", "fp16-autocast", "compile")
 PEERS = TORCH + OPENVINO
 
 
@@ -56,6 +58,13 @@ class _Runner:
         return st, ae, fine
 
 
+def default_peers(device) -> tuple[str, ...]:
+    """The peers worth timing on ``device``: OpenVINO on a CPU, fp16 autocast on a GPU."""
+    if torch.device(device).type == "cuda":
+        return ("fp16-autocast", "bf16-autocast", "compile")
+    return ("bf16-autocast", "compile") + OPENVINO
+
+
 def openvino_available() -> str | None:
     """None when OpenVINO and NNCF import; else why not."""
     try:
@@ -87,20 +96,20 @@ def _ov_variant(fp32_det, kind: str, x: torch.Tensor, calib: torch.Tensor | None
 
 
 class _Autocast(nn.Module):
-    def __init__(self, det):
+    def __init__(self, det, dtype: torch.dtype):
         super().__init__()
-        self.det, self.cfg = det, det.cfg
+        self.det, self.cfg, self.dtype = det, det.cfg, dtype
 
     def forward(self, image):
-        with torch.autocast(image.device.type, dtype=torch.bfloat16):
+        with torch.autocast(image.device.type, dtype=self.dtype):
             return self.det(image).float()
 
 
 class _Compiled(nn.Module):
-    def __init__(self, det):
+    def __init__(self, det, device):
         super().__init__()
         self.det, self.cfg = det, det.cfg
-        self.fn = torch.compile(det)
+        self.fn = torch.compile(det, mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
 
     def forward(self, image):
         return self.fn(image)
@@ -115,10 +124,10 @@ def build(fp32_det, names, x: torch.Tensor, calib: torch.Tensor | None = None, d
         raise ValueError(f"unknown peer(s) {unknown}; known: {list(PEERS)}")
     out = {}
     for n in names:
-        if n == "bf16-autocast":
-            out[n] = _Autocast(copy.deepcopy(fp32_det))
+        if n.endswith("-autocast"):
+            out[n] = _Autocast(copy.deepcopy(fp32_det), torch.bfloat16 if n == "bf16-autocast" else torch.float16)
         elif n == "compile":
-            out[n] = _Compiled(copy.deepcopy(fp32_det))
+            out[n] = _Compiled(copy.deepcopy(fp32_det), device)
         else:
             why = openvino_available()
             if why:

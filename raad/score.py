@@ -17,6 +17,7 @@ from . import metrics as M
 from . import threshold as T
 from . import viz
 from .checkpoint import load_run, read_config, save_json, stored_threshold
+from .graphs import Graphed, graphed
 from .io import atomic_save_npz
 
 
@@ -48,15 +49,15 @@ def category_for(run: Path, data_dir, cat_dirs: dict, single_run: bool = True) -
 
 
 @torch.no_grad()
-def anomaly_maps(det, items, size, batch=8, show=True, scores: list | None = None):
+def anomaly_maps(det, items, size, batch=8, show=True, scores: list | None = None, device="cpu"):
     """Maps at each item's mask resolution (its image's size), in item order. ``scores``: a list
     to which each item's image score at the model's resolution (what the decision threshold is
     calibrated on, :func:`raad.threshold.image_scores`) is appended."""
     out = []
     for i in tqdm(range(0, len(items), batch), desc="scoring", disable=not show, leave=False):
         chunk = items[i:i + batch]
-        x = torch.stack([D.load_image(it.path, size) for it in chunk])
-        full = det(x)  # at model resolution; resized per item below
+        x = torch.stack([D.load_image(it.path, size) for it in chunk]).to(device)
+        full = det(x).float().cpu()  # at model resolution; resized per item below
         if scores is not None:
             scores.extend(T.image_scores(full, T.score_sigma(det)).tolist())
         for it, m in zip(chunk, full):
@@ -68,22 +69,27 @@ def anomaly_maps(det, items, size, batch=8, show=True, scores: list | None = Non
     return out
 
 
-def evaluate(det, category, show=True, scores: list | None = None):
+def evaluate(det, category, show=True, scores: list | None = None, device="cpu"):
     """(metrics dict, items, maps, masks) of ``det`` on a validated category's test set
     (``scores``: see :func:`anomaly_maps`)."""
     items = list(category.test)
     scores = [] if scores is None else scores
-    maps = anomaly_maps(det, items, det.cfg.image_size, show=show, scores=scores)
+    maps = anomaly_maps(det, items, det.cfg.image_size, show=show, scores=scores, device=device)
     masks = [D.load_test_mask(it) for it in items]
     return (M.compute_metrics([it.defect for it in items], scores=scores, maps=maps, masks=masks),
             items, maps, masks)
 
 
 def score_category(run_dir, category_dir, out_dir, precision="plan", backend="auto", overlays=True,
-                   show=True) -> dict:
+                   show=True, device="cpu") -> dict:
     det, config, plan = load_run(run_dir, precision=precision, backend=backend)
+    # on a GPU, the forward replayed from CUDA graphs (raad.graphs)
+    det = graphed(det.to(device), device)
     scores: list = []
-    result, items, maps, masks = evaluate(det, D.validate(category_dir), show=show, scores=scores)
+    result, items, maps, masks = evaluate(det, D.validate(category_dir), show=show, scores=scores,
+                                          device=device)
+    if getattr(det, "fallback", None):
+        result["cuda_graph"] = f"not used: {det.fallback}"
     result["precision"] = precision
     result["plan"] = None if precision == "fp32" or plan is None else plan
     rec = stored_threshold(config, precision, plan)
@@ -145,7 +151,7 @@ def write_overlays(out: Path, items, maps, masks, show=True, threshold: dict | N
     viz.write_report(out, entries, title=f"RAAD anomaly maps: {items[0].path.parents[2].name if items else ''}")
 
 
-def score(run_dir, data_dir, out_dir, precision="plan", backend="auto", show=True) -> dict:
+def score(run_dir, data_dir, out_dir, precision="plan", backend="auto", show=True, device="cpu") -> dict:
     """Score every fitted category of ``run_dir`` on its test set in ``data_dir``."""
     runs = run_categories(run_dir)
     cat_dirs = {p.name: p for p in D.category_dirs(data_dir)}
@@ -153,7 +159,7 @@ def score(run_dir, data_dir, out_dir, precision="plan", backend="auto", show=Tru
     for run in runs:
         cat = category_for(run, data_dir, cat_dirs, single_run=len(runs) == 1)
         sub = Path(out_dir) / cat.name if len(runs) > 1 else Path(out_dir)
-        results[cat.name] = score_category(run, cat, sub, precision, backend, show=show)
+        results[cat.name] = score_category(run, cat, sub, precision, backend, show=show, device=device)
     if len(results) > 1:
         summary = {"mean": M.mean_metrics(results), "categories": {k: {kk: v[kk] for kk in
                    ("image_auroc", "pixel_auroc", "aupro", "f1_max")} for k, v in results.items()}}
@@ -239,7 +245,8 @@ def cpu_int8_dot(device) -> bool | None:
     return has_int8_dot() if torch.device(device).type == "cpu" else None
 
 
-def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None, peers=()) -> dict:
+def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=None, peers=(),
+          graph: bool | None = None) -> dict:
     """Images/s of the run's model in fp32 and with its plan, timed alternately in one process on
     the same images (median of ``repeats`` batches each); ``speedup`` is the median over the
     rounds of fp32 time / plan time (each round times every variant once, back to back), and
@@ -259,7 +266,11 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     difference of its maps from fp32's on the timed batch relative to fp32's largest value, and
     with ``data_dir`` every variant is scored on the category's test set (``detection``).
     ``plan_timing``: what the plan's own timing table (measured at fit time) predicted for a
-    batch, or why it cannot be compared here (measured on another device or thread count)."""
+    batch, or why it cannot be compared here (measured on another device or thread count).
+
+    ``graph`` (default: on a GPU): the headline rounds replay each torch variant's forward from
+    CUDA graphs (:mod:`raad.graphs`), so they compare kernels, not Python; ``cuda_graph`` says
+    which variants were captured and why any was not."""
     run = run_categories(run_dir)[0]
     fp32, _, _ = load_run(run, precision="fp32")
     quant, _, plan = load_run(run, precision="plan", backend=backend)
@@ -292,11 +303,14 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
             from .train import load_images
             calib = load_images(list(D.validate(cat).train)[:32], size, show=False)
         variants.update(P.build(fp32, list(peers), x.cpu(), calib, device))
+    graph = torch.device(device).type == "cuda" if graph is None else graph
+    runners = {k: (Graphed(det) if graph and k != "compile" and not k.startswith("openvino") else det)
+               for k, det in variants.items()}
     times = {k: [] for k in variants}
     with torch.inference_mode():
-        _warm_up(variants, x)
+        _warm_up(runners, x)
         for _ in range(repeats):  # alternate, so drift in machine load hits all alike
-            for k, det in variants.items():
+            for k, det in runners.items():
                 times[k].append(_timed(det, x))
         parts = {k: _part_times(variants[k], x, max(3, repeats // 3)) for k in ("fp32", "plan")}
     ips = {k: n / statistics.median(t) for k, t in times.items()}
@@ -323,8 +337,11 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
                             for k, det in variants.items() if k != "fp32"}
     if data_dir is not None:
         test = D.validate(cat)
-        out["detection"] = {k: {m: evaluate(det, test, show=False)[0][m] for m in ("image_auroc", "aupro")}
-                            for k, det in variants.items()}
+        out["detection"] = {k: {m: v for m, v in evaluate(det, test, show=False, device=device)[0].items()
+                                if m in ("image_auroc", "aupro")} for k, det in runners.items()}
+    if graph:
+        out["cuda_graph"] = {k: (r.fallback and f"not used: {r.fallback}") or "captured"
+                             for k, r in runners.items() if isinstance(r, Graphed)}
     out["plan_timing"] = plan_timing(plan, device, statistics.median(times["plan"]) * 1e3, n)
     out.update({"batch": n, "repeats": repeats, "device": device, "cpu_int8_dot": cpu_int8_dot(device),
                 "threads": torch.get_num_threads(), "image_size": size, "images": source,

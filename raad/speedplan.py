@@ -1,6 +1,7 @@
 """A plan chosen by measured speed (``raad fit --budget fastest|MS``).
 
-On the device the run will score on, at the fit's batch size and real shapes:
+On the device the run will score on (``raad fit --device``; training itself runs on the CPU),
+at the fit's batch size and real shapes:
 
 1. Parts. The teacher and the autoencoder can run in bf16 (where the hardware has bf16
    arithmetic: AMX or AVX-512 BF16 CPUs, GPUs); the student its blocks' linears at int8 (W8A8)
@@ -100,10 +101,12 @@ def choose_parts(det, probe: hqs.Probe, x: torch.Tensor, opts, max_damage: float
     out = []
     for part, ariths in cands.items():
         variants = {a: _apply(copy.deepcopy(det), part, a) for a in ariths}
-        with torch.inference_mode():
-            ms = TM.round_robin({a: _call(v, part, x) for a, v in variants.items()}, repeats=repeats,
-                                device=opts.device)
+        # the damage where the detector was trained, the time on the device it will score on
         dmg = {a: (0.0 if a == "fp32" else probe.damage(v)) for a, v in variants.items()}
+        on_dev = {a: copy.deepcopy(v).to(opts.device) for a, v in variants.items()}
+        with torch.inference_mode():
+            ms = TM.round_robin({a: _call(v, part, x) for a, v in on_dev.items()}, repeats=repeats,
+                                device=opts.device)
         ok = [a for a in ariths if dmg[a] <= share]
         chosen = min(ok, key=lambda a: ms[a])
         out.append(PartChoice(part, chosen, {a: round(v, 3) for a, v in ms.items()},
@@ -139,7 +142,7 @@ def budget_plan(det, mods: dict, scores: list[hqs.LayerScore], normals: torch.Te
     x = timing_batch(normals, opts.batch_size).to(device)
     parts = choose_parts(det, probe, x, opts, max_damage, repeats)
     sections = parts_plan(parts)
-    trial = copy.deepcopy(det)
+    trial = copy.deepcopy(det).to(device)
     rk.quantize_model(trial, {"version": 1, "layers": {n: {"qk_bits": 16, "pv_bits": 16} for n in mods},
                               **sections})
     if trial.memory is not None:

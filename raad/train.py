@@ -67,7 +67,7 @@ class FitOptions:
     linear_bits: int = 8   # the student blocks' linears in the plan: 8 = W8A8, 16 = float
     holdout: float = 0.15
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"   # where the run will score: the plan is timed and the threshold set there
     backend: str = "auto"
     fpr: float = 0.01   # the decision threshold's target false-alarm rate (raad.threshold)
 

@@ -89,7 +89,8 @@ def test_bench_compares_the_table_with_its_measurement_and_refuses_another_devic
 
 def test_bench_peers_run_in_the_same_rounds_and_are_checked_against_fp32(fitted, capsys):
     pytest.importorskip("openvino", reason="the bench extra (openvino, nncf) is not installed")
-    from raad.peers import PEERS
+    from raad.peers import default_peers
+    PEERS = default_peers("cpu")
     data, run = fitted
     assert main(["bench", str(run), "--json", "--repeats", "2", "--batch-size", "4", "--data",
                  str(data), "--peers"]) == 0
@@ -110,3 +111,41 @@ def test_unknown_peers_are_refused(fitted):
     _, run = fitted
     with pytest.raises(SystemExit):
         main(["bench", str(run), "--peers", "tensorrt"])
+
+
+def test_graphed_detector_is_the_eager_forward_off_the_gpu(fitted):
+    import torch
+
+    from raad.checkpoint import load_run
+    from raad.graphs import Graphed, graphed
+    _, run = fitted
+    det, _, _ = load_run(run / "pcb")
+    assert graphed(det, "cpu") is det
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(Graphed(det)(x), det(x))
+
+
+@pytest.mark.gpu
+def test_graphed_detector_replays_what_the_eager_forward_computes(fitted):
+    """Both precisions captured in CUDA graphs (one per batch shape) give the eager maps; the
+    quantized attention's call path must not synchronise with the host for the capture to work."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none is visible on this machine")
+    from raad.checkpoint import load_run
+    from raad.graphs import Graphed
+    _, run = fitted
+    for precision in ("fp32", "plan"):
+        det, _, _ = load_run(run / "pcb", precision=precision)
+        det.to("cuda")
+        g = Graphed(det)
+        for b in (4, 3):
+            x = torch.randn(b, 3, 64, 64, device="cuda")
+            with torch.no_grad():
+                ref = det(x)
+                got, again = g(x), g(x)
+            assert g.fallback is None, g.fallback
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+            assert torch.equal(got, again)
+        assert len(g.graphs) == 2
