@@ -51,6 +51,12 @@ demo: build
 kernel-demo: build
 	$(PY) -m raad_kernels.demo
 
+# the detector against its deployment peers (torch.compile, bf16 autocast, OpenVINO fp32 /
+# default / NNCF INT8) on two real-photo categories at 256 px: BENCH_OUT/peers.md
+BENCH_OUT ?= bench_out
+bench: build
+	$(PY) benchmarks/detector_peers.py $(BENCH_OUT)
+
 bench-cpu: build
 	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only -q
 
