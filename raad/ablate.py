@@ -1,6 +1,6 @@
 """`raad ablate`: on the same data and the same float student, compare fp32, uniform int8,
-uniform int4, the HQS plan and a random plan at the same average bits, each with and without
-stage 2, and the PatchCore-style baseline (:mod:`raad.baseline`) on the same images at the same
+int4 and int2, the HQS plan and a random plan at the same average bits (4, and 3, where some
+layers must take int2), each with and without stage 2, and the PatchCore-style baseline (:mod:`raad.baseline`) on the same images at the same
 resolution. Writes ablation.md, ablation.json and ablation.png."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from .checkpoint import save_json
 from .io import atomic_path, atomic_write_text
 from .model import ModelConfig
 from .score import evaluate
-from .train import FitOptions, discrepancy_weights, hqs_plan, prepare, quantize_and_finetune, train_float
+from .train import (FitOptions, deployment_plan, discrepancy_weights, hqs_plan, prepare, quantize_and_finetune,
+                    train_float)
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
@@ -55,11 +56,17 @@ def ablate_category(category_dir, cfg: ModelConfig, opts: FitOptions, show=True)
     names = base.attention_modules()
     hqs_opts = copy.copy(opts)
     hqs_opts.avg_bits, hqs_opts.budget = 4.0, None
+    hqs4, scores, _ = hqs_plan(prep, hqs_opts, show)
+    # at 3 average bits some layers must take int2, where quantization does damage: which ones
+    # is what HQS decides, against a random choice at the same budget
     plans = {
         "int8": uniform_plan(names, 8),
         "int4": uniform_plan(names, 4),
-        "HQS@4": hqs_plan(prep, hqs_opts, show)[0],
+        "int2": uniform_plan(names, 2),
+        "HQS@4": hqs4,
         "random@4": random_plan(names, 4.0, opts.seed),
+        "HQS@3": deployment_plan(hqs.make_plan(scores, 3.0), hqs_opts),
+        "random@3": random_plan(names, 3.0, opts.seed),
     }
     for label, plan in plans.items():
         for stage2 in (False, True):

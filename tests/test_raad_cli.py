@@ -284,7 +284,8 @@ def test_ablate_writes_table_json_and_plot(fitted, tmp_path):
     data, _ = fitted
     out = tmp_path / "ablation"
     assert main(["ablate", str(data), "--out", str(out), "--quiet"] + TINY) == 0
-    settings = ["fp32", "patchcore"] + [f"{p}{s}" for p in ("int8", "int4", "HQS@4", "random@4")
+    settings = ["fp32", "patchcore"] + [f"{p}{s}" for p in ("int8", "int4", "int2", "HQS@4", "random@4",
+                                                            "HQS@3", "random@3")
                                          for s in ("", " +stage2")]
     res = json.loads((out / "ablation.json").read_text())
     assert list(res) == ["pcb"] and list(res["pcb"]) == settings
@@ -292,6 +293,9 @@ def test_ablate_writes_table_json_and_plot(fitted, tmp_path):
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["aupro"] <= 1.0, name
         assert (row.get("bits") is None) == (name in ("fp32", "patchcore"))
     assert set(res["pcb"]["int4"]["bits"].values()) == {4}
+    for k in ("HQS@3", "random@3"):   # the same budget: 3 bits on average, so some int2
+        bits = list(res["pcb"][k]["bits"].values())
+        assert sum(bits) <= 3 * len(bits) and 2 in bits, k
     table = (out / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(settings) and all(f"| pcb | {s} |" in "\n".join(table) for s in settings)
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
