@@ -49,11 +49,13 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
     print(table)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {out / 'REPORT.md'}")
     report = ["# RAAD demo\n", table, "",
-              "Plans (Q·Kᵀ bits per student attention layer, from HQS):", ""]
+              "Plans, chosen by speed measured on this machine (Q·Kᵀ/P·V bits per student attention "
+              "layer, 16/16 = float; the parts under bf16 autocast; the linears at int8 or float):", ""]
     for c in cats:
         plan = json.loads((out / "run" / c / "plan.json").read_text())
-        bits = ", ".join(f"{n.split('.')[-2]}: {e['qk_bits']}" for n, e in plan["layers"].items())
-        report.append(f"- {c}: {bits}")
+        bits = ", ".join(f"{n.split('.')[-2]}: {e['qk_bits']}/{e['pv_bits']}" for n, e in plan["layers"].items())
+        bf16 = ", ".join((plan.get("autocast") or {}).get("modules", [])) or "none"
+        report.append(f"- {c}: {bits}; bf16: {bf16}; linears {'int8' if plan.get('linears') else 'float'}")
     report += ["", "Heatmaps with the plan, the first test image of each kind (the defect's outline drawn "
                "on it); every image: " + ", ".join(f"[{c}](scores_plan/{c}/report.md)" for c in cats), ""]
     for c in cats:
