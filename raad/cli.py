@@ -158,7 +158,7 @@ def cmd_bench(args):
               f"speedup {r['speedup']:.2f}x (rounds {r['speedup_p10_p90'][0]:.2f}-{r['speedup_p10_p90'][1]:.2f}x, "
               f"10th-90th percentile; {r['threads']} threads, batch {r['batch']}, {r['images']})")
         if "attention_only_images_per_s" in r:
-            print(f"  the plan's attention alone (linears float): {r['attention_only_images_per_s']:.2f} img/s, "
+            print(f"  the plan's attention alone (everything else fp32): {r['attention_only_images_per_s']:.2f} img/s, "
                   f"{r['attention_only_speedup']:.2f}x")
         for k, v in r.get("peers", {}).items():
             print(f"  {k}: {v['images_per_s']:.2f} img/s, {v['speedup']:.2f}x fp32; the plan is "

@@ -99,7 +99,7 @@ def _table(cats, rows, speed) -> str:
     lines.append("")
     for c in cats:
         b = speed[c]
-        part = (f" (its attention alone, linears float: {b['attention_only_speedup']:.2f}x)"
+        part = (f" (its attention alone, everything else fp32: {b['attention_only_speedup']:.2f}x)"
                 if "attention_only_speedup" in b else "")
         lo, hi = b["speedup_p10_p90"]
         lines.append(f"- {c}: plan {b['speedup']:.2f}x fp32 images/s (rounds {lo:.2f}-{hi:.2f}x){part}")

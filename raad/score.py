@@ -253,9 +253,9 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     ``speedup_p10_p90`` the 10th and 90th percentiles of those ratios; ``parts_ms``: for fp32 and
     the plan, the milliseconds per batch spent in the student, the autoencoder and the memory, and
     in the rest (teacher, pose, the maps' post-processing), from separate rounds. When
-    the plan also runs linears at int8, the plan's attention alone (linears and the memory's
-    search float) is timed in the same loop, so the share of each part of the plan is visible
-    (``attention_only_images_per_s``).
+    the plan also runs linears at int8 or parts in bf16, the plan's attention alone (everything
+    else, the memory's search included, fp32) is timed in the same loop, so the share of each
+    part of the plan is visible (``attention_only_images_per_s``).
 
     ``data_dir``: a category folder (or a folder of them) whose first ``batch`` test images are
     used; without it, a fixed batch of Gaussian-noise images (attention on noise is flatter than
