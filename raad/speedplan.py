@@ -94,7 +94,7 @@ def candidates(det, opts) -> dict[str, tuple[str, ...]]:
 
 
 def choose_parts(det, probe: hqs.Probe, x: torch.Tensor, opts, max_damage: float,
-                 repeats: int = 5) -> list[PartChoice]:
+                 repeats: int = 7) -> list[PartChoice]:
     """Each part's fastest arithmetic within its share of ``max_damage`` (see the module notes)."""
     cands = candidates(det, opts)
     share = 0.5 * max_damage / max(1, len(cands))
@@ -105,7 +105,7 @@ def choose_parts(det, probe: hqs.Probe, x: torch.Tensor, opts, max_damage: float
         dmg = {a: (0.0 if a == "fp32" else probe.damage(v)) for a, v in variants.items()}
         on_dev = {a: copy.deepcopy(v).to(opts.device) for a, v in variants.items()}
         with torch.inference_mode():
-            ms = TM.round_robin({a: _call(v, part, x) for a, v in on_dev.items()}, repeats=repeats,
+            ms = TM.round_robin({a: _call(v, part, x) for a, v in on_dev.items()}, repeats=repeats, warmup=2,
                                 device=opts.device)
         ok = [a for a in ariths if dmg[a] <= share]
         chosen = min(ok, key=lambda a: ms[a])
@@ -132,7 +132,7 @@ def timing_batch(normals: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def budget_plan(det, mods: dict, scores: list[hqs.LayerScore], normals: torch.Tensor, opts,
-                repeats: int = 5) -> tuple[dict, dict]:
+                repeats: int = 7) -> tuple[dict, dict]:
     """(plan, report) for ``det`` (float, attention as QuantAttention at 16/16) under
     ``opts.budget``. The report holds the parts' and layers' measurements and the prediction."""
     budget = hqs.check_budget(opts.budget)
