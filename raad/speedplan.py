@@ -37,6 +37,11 @@ from . import hqs
 LINEAR_SCOPE = ("student.blocks",)
 
 
+def linears_section() -> dict:
+    """The plan's W8A8 linears section over :data:`LINEAR_SCOPE`."""
+    return {"bits": 8, "under": list(LINEAR_SCOPE)}
+
+
 def bf16_fast(device) -> bool:
     """Whether ``device`` does bf16 arithmetic natively (a bf16 matmul faster than fp32 there)."""
     device = torch.device(device)
@@ -121,7 +126,7 @@ def parts_plan(parts: list[PartChoice]) -> dict:
     if bf:
         out["autocast"] = {"dtype": "bfloat16", "modules": bf}
     if any(p.chosen == "int8" for p in parts):
-        out["linears"] = {"bits": 8, "under": list(LINEAR_SCOPE)}
+        out["linears"] = linears_section()
     return out
 
 

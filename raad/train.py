@@ -41,7 +41,7 @@ from . import pose as P
 from .checkpoint import save_json, save_run
 from .model import Detector, ModelConfig
 from .predict import calibrate_fit
-from .speedplan import LINEAR_SCOPE, budget_plan
+from .speedplan import budget_plan, linears_section
 
 Q_LOW, Q_HIGH = 0.9, 0.995   # quantiles of held-out normal maps → 0 and 0.1 (EfficientAD)
 # EfficientAD mines the errors above their 0.999 quantile over 70 000 steps; with a few hundred
@@ -361,7 +361,7 @@ def deployment_plan(attn_plan: dict, opts: FitOptions) -> dict:
         return attn_plan
     plan = {k: v for k, v in attn_plan.items() if k != "linears"}
     if opts.linear_bits == 8:
-        plan["linears"] = {"bits": 8, "under": list(LINEAR_SCOPE)}
+        plan["linears"] = linears_section()
     return plan
 
 
