@@ -151,40 +151,47 @@ def validate(plan: Mapping, source=None) -> dict:
 def validate_autocast(spec, where: str = "plan") -> dict:
     """The plan's ``autocast`` section: ``{"dtype": "bfloat16", "modules": [module names]}``."""
     key = f"{where}: autocast"
-    if not isinstance(spec, Mapping):
-        raise PlanError(f"{key} must be an object {{'dtype': 'bfloat16', 'modules': [...]}}, got {spec!r}")
-    extra = sorted(set(spec) - set(AUTOCAST_KEYS))
-    if extra:
-        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(AUTOCAST_KEYS)}")
+    _section(spec, key, AUTOCAST_KEYS, "an object {'dtype': 'bfloat16', 'modules': [...]}")
     if spec.get("dtype") not in AUTOCAST_DTYPES:
         raise PlanError(f"{key}: dtype must be one of {list(AUTOCAST_DTYPES)}, got {spec.get('dtype')!r}")
-    mods = spec.get("modules")
-    if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not all(isinstance(m, str) for m in mods):
-        raise PlanError(f"{key}: modules must be a list of module names, got {mods!r}")
-    return {"dtype": spec["dtype"], "modules": list(mods)}
+    return {"dtype": spec["dtype"], "modules": _names(spec.get("modules"), f"{key}: modules", "module names")}
+
+
+def _section(spec, key: str, allowed, shape: str) -> None:
+    """A plan section must be an object with only the ``allowed`` keys."""
+    if not isinstance(spec, Mapping):
+        raise PlanError(f"{key} must be {shape}, got {spec!r}")
+    extra = sorted(set(spec) - set(allowed))
+    if extra:
+        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(allowed)}")
+
+
+def _names(value, key: str, what: str) -> list:
+    """A list of strings (module names or prefixes)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"{key} must be a list of {what}, got {value!r}")
+    return list(value)
+
+
+def _ms(value, key: str, what: str = "a number of milliseconds >= 0") -> float:
+    """A number of milliseconds: finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise PlanError(f"{key} must be {what}, got {value!r}")
+    return float(value)
 
 
 def _ms_table(table, key: str) -> dict:
     """{setting: milliseconds} with positive finite numbers."""
     if not isinstance(table, Mapping) or not table:
         raise PlanError(f"{key} must be a non-empty object setting -> milliseconds, got {table!r}")
-    out = {}
-    for setting, ms in table.items():
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms < 0:
-            raise PlanError(f"{key}[{setting!r}] must be a number of milliseconds >= 0, got {ms!r}")
-        out[str(setting)] = float(ms)
-    return out
+    return {str(setting): _ms(ms, f"{key}[{setting!r}]") for setting, ms in table.items()}
 
 
 def validate_timing(spec, where: str = "plan") -> dict:
     """The plan's ``timing`` section (see the module notes); layer settings are ``"qk/pv"``
     with bits a module may run at."""
     key = f"{where}: timing"
-    if not isinstance(spec, Mapping):
-        raise PlanError(f"{key} must be an object with keys {list(TIMING_KEYS)}, got {spec!r}")
-    extra = sorted(set(spec) - set(TIMING_KEYS))
-    if extra:
-        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(TIMING_KEYS)}")
+    _section(spec, key, TIMING_KEYS, f"an object with keys {list(TIMING_KEYS)}")
     for k in ("device", "unit"):
         if not isinstance(spec.get(k), str) or not spec[k]:
             raise PlanError(f"{key}: {k!r} must be a non-empty string, got {spec.get(k)!r}")
@@ -211,10 +218,7 @@ def validate_timing(spec, where: str = "plan") -> dict:
     if not isinstance(parts, Mapping):
         raise PlanError(f"{key}: 'parts' must be an object (part -> {{arithmetic: ms}}), got {parts!r}")
     out["parts"] = {name: _ms_table(t, f"{key}: parts[{name!r}]") for name, t in parts.items()}
-    rest = spec.get("rest", 0.0)
-    if isinstance(rest, bool) or not isinstance(rest, (int, float)) or not math.isfinite(rest) or rest < 0:
-        raise PlanError(f"{key}: 'rest' must be milliseconds >= 0, got {rest!r}")
-    out["rest"] = float(rest)
+    out["rest"] = _ms(spec.get("rest", 0.0), f"{key}: 'rest'", "milliseconds >= 0")
     return out
 
 
@@ -222,20 +226,13 @@ def validate_linears(spec, where: str = "plan") -> dict:
     """The plan's ``linears`` section: ``{"bits": 8, "under": [module-name prefixes]}``."""
     from .linear import LINEAR_BITS
     key = f"{where}: linears"
-    if not isinstance(spec, Mapping):
-        raise PlanError(f"{key} must be an object {{'bits': 8, 'under': [...]}}, got {spec!r}")
-    extra = sorted(set(spec) - set(LINEAR_KEYS))
-    if extra:
-        raise PlanError(f"{key}: unknown key(s) {extra}; allowed: {list(LINEAR_KEYS)}")
+    _section(spec, key, LINEAR_KEYS, "an object {'bits': 8, 'under': [...]}")
     bits = spec.get("bits")
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in LINEAR_BITS:
         raise PlanError(f"{key}: bits must be one of {LINEAR_BITS}, got {bits!r}")
     out = {"bits": bits}
     if spec.get("under") is not None:
-        under = spec["under"]
-        if isinstance(under, str) or not isinstance(under, (list, tuple)) or not all(isinstance(u, str) for u in under):
-            raise PlanError(f"{key}: under must be a list of module-name prefixes, got {under!r}")
-        out["under"] = list(under)
+        out["under"] = _names(spec["under"], f"{key}: under", "module-name prefixes")
     return out
 
 
