@@ -54,6 +54,11 @@ COLOUR_POOL = 3   # colour cells averaged around each cell
 LINE_SIGMA = 0.6  # px: the Hessian's scale for line cells (stone's cracks are 0.8-1.5 px wide)
 LINE_ORIENTATIONS = 8
 WHITEN_FLOOR = 1e-3   # covariance eigenvalues below this × the largest are raised to it (whitening)
+# the least spread q_high − q_low of a representation's held-out distances, × √channels (whitened
+# units): in few channels a dense bank leaves every normal cell almost on a bank cell, the spread
+# collapses (colour on real photographs: 0.002) and a cell a fifth of a standard deviation outside
+# the training range scored 100× a defect
+SPREAD_FLOOR = 0.05
 
 
 def colour_cells(image: torch.Tensor) -> torch.Tensor:
@@ -262,12 +267,15 @@ class FeatureMemory(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, feats: dict, q_low: float, q_high: float) -> None:
-        """The quantiles of each representation's distances on held-out normal images."""
+        """The quantiles of each representation's distances on held-out normal images, their
+        spread floored at ``SPREAD_FLOOR`` × √channels."""
         qs = torch.tensor([q_low, q_high])
         for rep, d in self.distances(feats).items():
             edge = _ring(d)
-            getattr(self, f"{rep}_q").copy_(torch.stack([torch.quantile(d[:, ~edge], qs),
-                                                         torch.quantile(d[:, edge], qs)]))
+            q = torch.stack([torch.quantile(d[:, ~edge], qs), torch.quantile(d[:, edge], qs)])
+            floor = SPREAD_FLOOR * feats[rep].shape[1] ** 0.5
+            q[:, 1] = torch.maximum(q[:, 1], q[:, 0] + floor)
+            getattr(self, f"{rep}_q").copy_(q)
 
     def maps(self, feats: dict) -> dict:
         """{rep: (B, h, w)} each representation's distance map, normalised (0 at the held-out

@@ -92,6 +92,24 @@ def test_memory_calibrates_on_normals_and_flags_a_foreign_patch(mode):
     assert int(m[1].flatten().argmax()) in {5 * 12 + 5, 5 * 12 + 6, 6 * 12 + 5, 6 * 12 + 6}
 
 
+def test_calibration_floors_a_collapsed_spread():
+    # one channel densely covered by the bank: every held-out cell lies almost on a bank cell,
+    # so q_high - q_low would be ~0 and a cell a fifth of a standard deviation past the training
+    # range would score far above a real defect; the floor keeps it modest
+    g = torch.Generator().manual_seed(3)
+    def feats(x):
+        return {"fine": x, "colour": x.expand(-1, 3, -1, -1).contiguous(), "lines": x}
+    mem = M.FeatureMemory("global", 2000, {"fine": 1, "colour": 3, "lines": 1})
+    mem.build(feats(torch.randn(40, 1, 8, 8, generator=g)))
+    mem.calibrate(feats(torch.randn(10, 1, 8, 8, generator=g)), 0.9, 0.995)
+    for rep, channels in (("fine", 1), ("colour", 3)):
+        q = getattr(mem, f"{rep}_q")
+        assert torch.all(q[:, 1] - q[:, 0] >= M.SPREAD_FLOOR * channels ** 0.5 - 1e-6), rep
+    edge = torch.randn(1, 1, 8, 8, generator=g) * 0 + float(mem.fine_bank.max()) / float(mem.fine_white) \
+        + float(mem.fine_mean) + 0.2
+    assert float(mem.maps(feats(edge))["fine"].max()) < 1.0
+
+
 def test_global_memory_with_every_cell_finds_its_own_images_at_zero():
     g = torch.Generator().manual_seed(2)
     bank = _textured(3, g, h=5)
