@@ -16,15 +16,16 @@ from pathlib import Path
 from .io import atomic_path, atomic_write_text
 
 RUN_FORMAT = "raad-run"
-RUN_VERSION = 9  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
+RUN_VERSION = 10  # 2: stride-8 student, block-4 targets, normalised stem input (s_mean, s_std);
 #                 3: per-position autoencoder map normalisation (ae_pos); 4: student border ring (st_pos);
 #                 5: fine-feature memory (memory.*, config memory / memory_size / memory_radius);
 #                 6: pose normalisation (config align); 7: config autoencoder (on | off | auto)
 #                 replaces use_ae; 8: memory line cells (memory.lines_*, searched without place
 #                 channels), every representation whitened (memory.*_white replaces memory.*_std);
 #                 9: config score_sigma (the image score blurs the map first); 8 is still read,
-#                 as score_sigma 0 (the plain maximum it was fitted and calibrated with)
-READ_VERSIONS = (8, 9)
+#                 as score_sigma 0 (the plain maximum it was fitted and calibrated with);
+#                 10: config memory_region (memory.region_*); 8 and 9 are read as memory_region 0
+READ_VERSIONS = (8, 9, 10)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PLAN = "plan.json"
@@ -76,6 +77,8 @@ def read_config(run_dir) -> dict:
                        f"{', '.join(map(str, READ_VERSIONS))}. Fit the model again with this version.")
     if config["version"] == 8 and isinstance(config.get("model"), dict):
         config["model"].setdefault("score_sigma", 0.0)
+    if config["version"] in (8, 9) and isinstance(config.get("model"), dict):
+        config["model"].setdefault("memory_region", 0)
     return config
 
 

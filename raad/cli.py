@@ -17,7 +17,7 @@ def _model_cfg(args):
     return ModelConfig(image_size=args.image_size, teacher=args.teacher, stride=args.stride,
                        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
                        autoencoder="off" if args.no_ae else args.autoencoder, memory=args.memory, memory_size=args.memory_size,
-                       align=args.align)
+                       memory_region=args.memory_region, align=args.align)
 
 
 def _fit_opts(args):
@@ -233,6 +233,9 @@ def build_parser():
                             "weighs each cell's place), auto (chosen from the training images), off")
         s.add_argument("--memory-size", type=int, default=m.memory_size,
                        help="training cells the memory keeps (greedy coreset)")
+        s.add_argument("--memory-region", type=int, default=m.memory_region, metavar="PX",
+                       help="the memory's region cells: mean colour and texture over PX pixels "
+                            "around each cell (soft stains, burns); a multiple of 4, 0 for none")
         s.add_argument("--align", default=m.align, choices=POSE_MODES,
                        help="turn each image to one canonical pose (image moments) before the "
                             "detector and its map back: on (objects at any angle), off, auto "

@@ -9,7 +9,11 @@ that see different defects (``studies/raad_feature_probe.py``):
 * ``fine``: EfficientNet-Lite0 block 1 (stride 4, 24 channels): scratches, edges, texture;
 * ``colour``: the image's 4×4 mean colour, averaged over 3×3 cells: stains, soft blotches;
 * ``lines``: thin lines at the pixel scale (:func:`line_cells`, 8 channels): the 1-2 px cracks
-  and scratches that ImageNet features at 128 px blur into a grainy texture.
+  and scratches that ImageNet features at 128 px blur into a grainy texture;
+* ``region`` (runs from format 10): the mean colour and the luminance's standard deviation over a
+  ``memory_region``-pixel window around each cell (:func:`region_cells`, 4 channels): a soft
+  patch darker, tinted or with less texture than the surface (burns, stains), wider than the
+  fine features and the colour cells see, where a grainy texture's own 12 px spots are as dark.
 
 Each is whitened on the training cells (:meth:`FeatureMemory.build`), and its distance map is
 quantile-normalised on held-out normal images like the detector's maps (0 at ``Q_LOW``, 0.1 at
@@ -108,10 +112,30 @@ def line_cells(image: torch.Tensor) -> torch.Tensor:
     return L.line_cells(grey, *_LINE_FILTERS[key], cell=COLOUR_CELL, pool=COLOUR_POOL)
 
 
-def representations(fine: torch.Tensor, image: torch.Tensor) -> dict:
+def region_cells(image: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 4, H/4, W/4): per 4-pixel cell, the mean colour and the luminance's standard deviation
+    over the ``window``×``window`` pixels centred on it (a multiple of 4; cut at the border)."""
+    if window < COLOUR_CELL or window % COLOUR_CELL:
+        raise ValueError(f"memory_region must be a multiple of {COLOUR_CELL} pixels, got {window}")
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+    x = image * std                      # pixel units, so the channels' scales are comparable
+    grey = x.mean(1, keepdim=True)
+    def box(t):
+        # the mean over pixels [4i - p, 4i - p + window), p = (window - 4) / 2, cut at the border,
+        # from 2×2 means (p is even): the same numbers at half the cost of one pooling of pixels
+        t = F.avg_pool2d(t, 2)
+        return F.avg_pool2d(t, window // 2, 2, (window - COLOUR_CELL) // 4, count_include_pad=False)
+    var = (box(grey * grey) - box(grey).pow(2)).clamp_min(0)
+    return torch.cat([box(x), var.sqrt()], 1)
+
+
+def representations(fine: torch.Tensor, image: torch.Tensor, region: int = 0) -> dict:
     """What the memory reads: the teacher's block-1 output ``fine``, the image's colour cells and
-    its line cells."""
-    return {"fine": fine, "colour": colour_cells(image), "lines": line_cells(image)}
+    its line cells; with ``region`` (pixels) > 0 also its region cells."""
+    out = {"fine": fine, "colour": colour_cells(image), "lines": line_cells(image)}
+    if region:
+        out["region"] = region_cells(image, region)
+    return out
 
 
 def _cells(x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +191,8 @@ class FeatureMemory(nn.Module):
     part in the wrong place shows in the other two (and without place channels, which would set
     its one int8 scale, the plan's line search can run at int8)."""
 
-    REPS = ("fine", "colour", "lines")
-    PLACED = ("fine", "colour")   # the representations that carry their place in local mode
+    REPS = ("fine", "colour", "lines", "region")   # those in ``channels`` are kept, in this order
+    PLACED = ("fine", "colour", "region")   # the representations that carry their place in local mode
 
     def __init__(self, mode: str, size: int, channels: dict, place: float = 1.0):
         super().__init__()
@@ -180,7 +204,8 @@ class FeatureMemory(nn.Module):
         # the fine and line searches at int8 (the quantized plan sets it; raad_kernels.nearest)
         self.int8 = False
         self._prepared = {}   # (rep, int8) → (bank version, the kernel's layout of the bank)
-        for rep in self.REPS:
+        self.reps = tuple(r for r in self.REPS if r in channels)
+        for rep in self.reps:
             c, extra = channels[rep], 2 if self._placed(rep) else 0
             self.register_buffer(f"{rep}_mean", torch.zeros(1, c, 1, 1))
             # (C, C): the whitening of the cells (build)
@@ -213,7 +238,7 @@ class FeatureMemory(nn.Module):
         (stone's mottling: light and dark), and a stain that changes the hue lies far off that
         axis but close in plain RGB distance; correlated channels of the block-1 and line
         features no longer count twice (figures: docs/history/raad.md)."""
-        for rep in self.REPS:
+        for rep in self.reps:
             x = feats[rep]
             getattr(self, f"{rep}_mean").copy_(x.mean((0, 2, 3), keepdim=True))
             getattr(self, f"{rep}_white").copy_(whitening(x))
@@ -259,7 +284,7 @@ class FeatureMemory(nn.Module):
     def distances(self, feats: dict) -> dict:
         """{rep: (B, h, w) distance to the nearest normal cell}, before the quantiles."""
         out = {}
-        for rep in self.REPS:
+        for rep in self.reps:
             x = feats[rep]
             d = self._search(rep, self._cells(rep, x))
             out[rep] = d.view(x.shape[0], *x.shape[-2:]).sqrt()

@@ -83,6 +83,9 @@ class ModelConfig:
     memory_size: int = 2048  # fine cells kept (greedy coreset; capped when fitting)
     memory_place: float = 1.0  # local: distance per cell of displacement (whitened units)
     memory_radius: int = 2   # auto: the window, in stride-4 cells, of the fixed-layout test
+    # the memory's region cells: mean colour and texture over this many pixels around each cell
+    # (0: none; runs before format 10 have none)
+    memory_region: int = 16
     align: str = "auto"      # pose normalisation (raad.pose): off | on | auto (fitting decides)
 
     def to_dict(self):
@@ -397,6 +400,8 @@ class Detector(nn.Module):
             raise ValueError(f"--align must be one of {list(P.MODES)}, got {cfg.align!r}")
         if cfg.autoencoder not in AE_MODES:
             raise ValueError(f"--autoencoder must be one of {list(AE_MODES)}, got {cfg.autoencoder!r}")
+        if cfg.memory_region < 0 or cfg.memory_region % 4:
+            raise ValueError(f"--memory-region must be 0 or a multiple of 4 pixels, got {cfg.memory_region}")
         if cfg.memory in ("global", "local") and cfg.teacher != "effnet-lite0":
             raise ValueError(f"--memory {cfg.memory}: the memory reads EfficientNet-Lite0 block 1; "
                              f"use --memory off with --teacher {cfg.teacher}")
@@ -430,16 +435,18 @@ class Detector(nn.Module):
         """Attach an (empty) memory of ``mode`` and bank ``size``; recorded in ``cfg``."""
         self.cfg.memory, self.cfg.memory_size = mode, int(size)
         channels = {"fine": self.teacher.fine_channels, "colour": 3, "lines": M.LINE_ORIENTATIONS}
+        if self.cfg.memory_region:
+            channels["region"] = 4
         self.memory = M.FeatureMemory(mode, size, channels, self.cfg.memory_place)
         return self.memory
 
     # -- pieces ------------------------------------------------------------------------------
     def teacher_features(self, image, memory: bool = False):
         """(student input, normalised targets) for an ImageNet-normalised image batch; with
-        ``memory``, also the memory's representations ``{"fine", "colour", "lines"}`` from the same
-        pass."""
+        ``memory``, also the memory's representations (``{"fine", "colour", "lines"}``, and
+        ``"region"`` where ``memory_region`` is set) from the same pass."""
         out = self._teacher_pass(image, memory)
-        return out[:2] + (M.representations(out[2], image),) if memory else out[:2]
+        return out[:2] + (M.representations(out[2], image, self.cfg.memory_region),) if memory else out[:2]
 
     def _teacher_pass(self, image, memory: bool):
         """(student input, normalised targets, block 1's output or None)."""
@@ -465,7 +472,7 @@ class Detector(nn.Module):
         st, ae, fine = self.neural_maps(image, memory)
         st = _per_position(st, self.st_pos)
         ae = None if ae is None else _per_position(ae, self.ae_pos)
-        return (st, ae, self.memory(M.representations(fine, image))) if memory else (st, ae)
+        return (st, ae, self.memory(M.representations(fine, image, self.cfg.memory_region))) if memory else (st, ae)
 
     @staticmethod
     def st_error(t, s):

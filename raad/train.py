@@ -274,7 +274,7 @@ class Prepared:
 def memory_features(det: Detector, images: torch.Tensor, batch: int = 8) -> dict:
     """The memory's representations of ``images`` (see :mod:`raad.memory`): the teacher's stem
     only, not its targets."""
-    parts = [M.representations(det.teacher.stem(x, fine=True)[1], x)
+    parts = [M.representations(det.teacher.stem(x, fine=True)[1], x, det.cfg.memory_region)
              for x in images.split(batch)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

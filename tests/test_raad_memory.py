@@ -318,3 +318,43 @@ def test_whitening_gives_unit_covariance_and_floors_a_direction_that_never_varie
     assert torch.isfinite(w).all()
     top = torch.linalg.eigvalsh(torch.cov(M._cells(dup).T)).max()
     assert torch.linalg.eigvalsh(w).max() <= (M.WHITEN_FLOOR * top).rsqrt() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("window", [4, 8, 16])
+def test_region_cells_are_the_mean_colour_and_texture_around_each_cell(window):
+    from raad.data import IMAGENET_STD
+    g = torch.Generator().manual_seed(window)
+    image = torch.randn(2, 3, 32, 24, generator=g, dtype=torch.float64)
+    out = M.region_cells(image, window)
+    assert out.shape == (2, 4, 8, 6)
+    x = image * torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    grey = x.mean(1)
+    half = (window - 4) // 2
+    for i, j in [(0, 0), (3, 2), (7, 5), (4, 0)]:
+        ys = slice(max(0, 4 * i - half), 4 * i + 4 + half)     # the window, cut at the border
+        xs = slice(max(0, 4 * j - half), 4 * j + 4 + half)
+        ref_mean = x[:, :, ys, xs].mean((2, 3))
+        ref_std = grey[:, ys, xs].flatten(1).std(1, unbiased=False)
+        assert torch.allclose(out[:, :3, i, j], ref_mean, atol=1e-12)
+        assert torch.allclose(out[:, 3, i, j], ref_std, atol=1e-9)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        M.region_cells(image, 6)
+
+
+def test_region_cells_flag_a_soft_dark_patch_in_a_grainy_texture():
+    # grain whose own dark specks (4 px) are as dark as the patch: the colour cells (12 px) see
+    # specks everywhere; a 32 px patch of reduced brightness and texture stands out in the region
+    # cells' memory
+    g = torch.Generator().manual_seed(5)
+    def grain(n):
+        return torch.nn.functional.interpolate(torch.randn(n, 1, 16, 16, generator=g), scale_factor=4,
+                                               mode="nearest").expand(-1, 3, -1, -1).contiguous()
+    train, held, test = grain(20), grain(6), grain(2)
+    test[1, :, 16:48, 16:48] = 0.4 * test[1, :, 16:48, 16:48] - 1.0
+    def feats(x):
+        return {"fine": M.colour_cells(x), "colour": M.colour_cells(x), "region": M.region_cells(x, 16)}
+    mem = M.FeatureMemory("global", 400, {"fine": 3, "colour": 3, "region": 4})
+    mem.build(feats(train))
+    mem.calibrate(feats(held), 0.9, 0.995)
+    region = mem.maps(feats(test))["region"]
+    assert region[1, 6:10, 6:10].min() > 2 * region[0].max()

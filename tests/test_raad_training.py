@@ -101,9 +101,42 @@ def test_format_8_runs_keep_the_plain_maximum(tmp_path):
     det = Detector(ModelConfig(image_size=64, **SMALL))
     save_run(tmp_path / "new", det, fit={}, plan=None)
     cfg = json.loads((tmp_path / "new" / "config.json").read_text())
-    assert cfg["version"] == 9 and cfg["model"]["score_sigma"] is None
+    assert cfg["version"] == 10 and cfg["model"]["score_sigma"] is None
     assert load_run(tmp_path / "new")[0].cfg.image_score_sigma == 1.0
     cfg["version"] = 8
     del cfg["model"]["score_sigma"]
     (tmp_path / "new" / "config.json").write_text(json.dumps(cfg))
     assert load_run(tmp_path / "new")[0].cfg.image_score_sigma == 0.0
+
+
+@pytest.mark.parametrize("version", [8, 9])
+def test_runs_before_format_10_load_without_region_cells(tmp_path, version):
+    """A memory fitted before the region cells (formats 8, 9) has no region buffers: it loads as
+    memory_region 0 and keeps its three representations; a new run records its region and saves
+    the region bank."""
+    from raad import memory as M
+    from raad.checkpoint import load_run, save_run
+    det = Detector(ModelConfig(image_size=64, **dict(SMALL, memory="global", memory_size=64)))
+    feats = M.representations(torch.randn(2, det.teacher.fine_channels, 16, 16), torch.randn(2, 3, 64, 64),
+                              det.cfg.memory_region)
+    det.memory.build(feats)
+    save_run(tmp_path / "new", det, fit={}, plan=None)
+    loaded = load_run(tmp_path / "new")[0]
+    assert loaded.memory.reps == ("fine", "colour", "lines", "region")
+    assert torch.equal(loaded.memory.region_bank, det.memory.region_bank)
+
+    old = Detector(ModelConfig(image_size=64, **dict(SMALL, memory="global", memory_size=64, memory_region=0)))
+    save_run(tmp_path / "old", old, fit={}, plan=None)
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    cfg["version"] = version
+    del cfg["model"]["memory_region"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    back = load_run(tmp_path / "old")[0]
+    assert back.cfg.memory_region == 0 and back.memory.reps == ("fine", "colour", "lines")
+    with torch.no_grad():
+        assert back(torch.randn(1, 3, 64, 64)).shape == (1, 64, 64)
+
+
+def test_memory_region_must_be_a_multiple_of_four():
+    with pytest.raises(ValueError, match="--memory-region must be 0 or a multiple of 4"):
+        Detector(ModelConfig(image_size=64, **dict(SMALL, memory_region=10)))
