@@ -235,7 +235,8 @@ def build_parser():
                        help="training cells the memory keeps (greedy coreset)")
         s.add_argument("--memory-region", type=int, default=m.memory_region, metavar="PX",
                        help="the memory's region cells: mean colour and texture over PX pixels "
-                            "around each cell (soft stains, burns); a multiple of 4, 0 for none")
+                            "around each cell (soft stains, burns); 4, 12, 20, ... (an odd number of "
+                            "4-pixel cells), 0 for none")
         s.add_argument("--align", default=m.align, choices=POSE_MODES,
                        help="turn each image to one canonical pose (image moments) before the "
                             "detector and its map back: on (objects at any angle), off, auto "

@@ -11,7 +11,7 @@ that see different defects (``studies/raad_feature_probe.py``):
 * ``lines``: thin lines at the pixel scale (:func:`line_cells`, 8 channels): the 1-2 px cracks
   and scratches that ImageNet features at 128 px blur into a grainy texture;
 * ``region`` (runs from format 10): the mean colour and the luminance's standard deviation over a
-  ``memory_region``-pixel window around each cell (:func:`region_cells`, 4 channels): a soft
+  ``memory_region``-pixel window (20: 5×5 cells) around each cell (:func:`region_cells`, 4 channels): a soft
   patch darker, tinted or with less texture than the surface (burns, stains), wider than the
   fine features and the colour cells see, where a grainy texture's own 12 px spots are as dark.
 
@@ -114,19 +114,18 @@ def line_cells(image: torch.Tensor) -> torch.Tensor:
 
 def region_cells(image: torch.Tensor, window: int) -> torch.Tensor:
     """(B, 4, H/4, W/4): per 4-pixel cell, the mean colour and the luminance's standard deviation
-    over the ``window``×``window`` pixels centred on it (a multiple of 4; cut at the border)."""
-    if window < COLOUR_CELL or window % COLOUR_CELL:
-        raise ValueError(f"memory_region must be a multiple of {COLOUR_CELL} pixels, got {window}")
+    over the ``window``×``window`` pixels centred on it (an odd number of cells: 20 px is 5×5
+    cells), cut at the border; pooled from the cells' means, so it costs little more than them."""
+    if window < COLOUR_CELL or window % COLOUR_CELL or (window // COLOUR_CELL) % 2 == 0:
+        raise ValueError(f"memory_region must be an odd number of {COLOUR_CELL}-pixel cells "
+                         f"(4, 12, 20, ...), got {window}")
     std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
     x = image * std                      # pixel units, so the channels' scales are comparable
     grey = x.mean(1, keepdim=True)
-    def box(t):
-        # the mean over pixels [4i - p, 4i - p + window), p = (window - 4) / 2, cut at the border,
-        # from 2×2 means (p is even): the same numbers at half the cost of one pooling of pixels
-        t = F.avg_pool2d(t, 2)
-        return F.avg_pool2d(t, window // 2, 2, (window - COLOUR_CELL) // 4, count_include_pad=False)
-    var = (box(grey * grey) - box(grey).pow(2)).clamp_min(0)
-    return torch.cat([box(x), var.sqrt()], 1)
+    k = window // COLOUR_CELL
+    t = F.avg_pool2d(torch.cat([x, grey, grey * grey], 1), COLOUR_CELL)
+    t = F.avg_pool2d(t, k, 1, k // 2, count_include_pad=False)
+    return torch.cat([t[:, :3], (t[:, 4:5] - t[:, 3:4].pow(2)).clamp_min(0).sqrt()], 1)
 
 
 def representations(fine: torch.Tensor, image: torch.Tensor, region: int = 0) -> dict:

@@ -85,7 +85,7 @@ class ModelConfig:
     memory_radius: int = 2   # auto: the window, in stride-4 cells, of the fixed-layout test
     # the memory's region cells: mean colour and texture over this many pixels around each cell
     # (0: none; runs before format 10 have none)
-    memory_region: int = 16
+    memory_region: int = 20
     align: str = "auto"      # pose normalisation (raad.pose): off | on | auto (fitting decides)
 
     def to_dict(self):
@@ -400,8 +400,9 @@ class Detector(nn.Module):
             raise ValueError(f"--align must be one of {list(P.MODES)}, got {cfg.align!r}")
         if cfg.autoencoder not in AE_MODES:
             raise ValueError(f"--autoencoder must be one of {list(AE_MODES)}, got {cfg.autoencoder!r}")
-        if cfg.memory_region < 0 or cfg.memory_region % 4:
-            raise ValueError(f"--memory-region must be 0 or a multiple of 4 pixels, got {cfg.memory_region}")
+        if cfg.memory_region < 0 or (cfg.memory_region and (cfg.memory_region % 8 != 4)):
+            raise ValueError(f"--memory-region must be 0 or an odd number of 4-pixel cells "
+                             f"(4, 12, 20, ... pixels), got {cfg.memory_region}")
         if cfg.memory in ("global", "local") and cfg.teacher != "effnet-lite0":
             raise ValueError(f"--memory {cfg.memory}: the memory reads EfficientNet-Lite0 block 1; "
                              f"use --memory off with --teacher {cfg.teacher}")

@@ -320,7 +320,7 @@ def test_whitening_gives_unit_covariance_and_floors_a_direction_that_never_varie
     assert torch.linalg.eigvalsh(w).max() <= (M.WHITEN_FLOOR * top).rsqrt() * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("window", [4, 8, 16])
+@pytest.mark.parametrize("window", [4, 12, 20])
 def test_region_cells_are_the_mean_colour_and_texture_around_each_cell(window):
     from raad.data import IMAGENET_STD
     g = torch.Generator().manual_seed(window)
@@ -337,8 +337,9 @@ def test_region_cells_are_the_mean_colour_and_texture_around_each_cell(window):
         ref_std = grey[:, ys, xs].flatten(1).std(1, unbiased=False)
         assert torch.allclose(out[:, :3, i, j], ref_mean, atol=1e-12)
         assert torch.allclose(out[:, 3, i, j], ref_std, atol=1e-9)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        M.region_cells(image, 6)
+    for bad in (6, 16):
+        with pytest.raises(ValueError, match="odd number of 4-pixel cells"):
+            M.region_cells(image, bad)
 
 
 def test_region_cells_flag_a_soft_dark_patch_in_a_grainy_texture():
@@ -352,7 +353,7 @@ def test_region_cells_flag_a_soft_dark_patch_in_a_grainy_texture():
     train, held, test = grain(20), grain(6), grain(2)
     test[1, :, 16:48, 16:48] = 0.4 * test[1, :, 16:48, 16:48] - 1.0
     def feats(x):
-        return {"fine": M.colour_cells(x), "colour": M.colour_cells(x), "region": M.region_cells(x, 16)}
+        return {"fine": M.colour_cells(x), "colour": M.colour_cells(x), "region": M.region_cells(x, 20)}
     mem = M.FeatureMemory("global", 400, {"fine": 3, "colour": 3, "region": 4})
     mem.build(feats(train))
     mem.calibrate(feats(held), 0.9, 0.995)

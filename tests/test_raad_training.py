@@ -137,6 +137,7 @@ def test_runs_before_format_10_load_without_region_cells(tmp_path, version):
         assert back(torch.randn(1, 3, 64, 64)).shape == (1, 64, 64)
 
 
-def test_memory_region_must_be_a_multiple_of_four():
-    with pytest.raises(ValueError, match="--memory-region must be 0 or a multiple of 4"):
-        Detector(ModelConfig(image_size=64, **dict(SMALL, memory_region=10)))
+@pytest.mark.parametrize("region", [10, 16, -4])
+def test_memory_region_must_be_an_odd_number_of_cells(region):
+    with pytest.raises(ValueError, match="--memory-region must be 0 or an odd number of 4-pixel cells"):
+        Detector(ModelConfig(image_size=64, **dict(SMALL, memory_region=region)))
