@@ -27,18 +27,18 @@ namespace {
 // [-1/2, 1/2] (relative error 2e-7); 2^n built in the exponent bits, which are 0 for n = -127.
 // The split uses the 1.5·2^23 trick (adds, and n read from the low mantissa bits) rather than
 // vroundps + vcvtps2dq, which share one pipe with the P rounding on Zen-class cores.
+// the degree-5 polynomial's coefficients, highest first (one list for the 8- and 16-lane forms)
+constexpr float kExp2Poly[6] = {0.0013216948f, 0.0096667539f, 0.0555083379f,
+                                0.2402231842f, 0.6931469440f, 1.0f};
+
 inline __m256 exp2_ps(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
   const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23: x + magic has n in its low bits
   const __m256 t = _mm256_add_ps(x, magic);
   const __m256 n = _mm256_sub_ps(t, magic);
   const __m256 f = _mm256_sub_ps(x, n);
-  __m256 y = _mm256_set1_ps(0.0013216948f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.0096667539f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.0555083379f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.2402231842f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931469440f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+  __m256 y = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2Poly[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
@@ -52,12 +52,8 @@ inline __m512 exp2_ps512(__m512 x) {
   const __m512 t = _mm512_add_ps(x, magic);
   const __m512 n = _mm512_sub_ps(t, magic);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 y = _mm512_set1_ps(0.0013216948f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.0096667539f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.0555083379f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.2402231842f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.6931469440f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  __m512 y = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
