@@ -11,9 +11,10 @@ that see different defects (``studies/raad_feature_probe.py``):
 * ``lines``: thin lines at the pixel scale (:func:`line_cells`, 8 channels): the 1-2 px cracks
   and scratches that ImageNet features at 128 px blur into a grainy texture;
 * ``region`` (runs from format 10): the mean colour and the luminance's standard deviation over a
-  ``memory_region``-pixel window (20: 5×5 cells) around each cell (:func:`region_cells`, 4 channels): a soft
-  patch darker, tinted or with less texture than the surface (burns, stains), wider than the
-  fine features and the colour cells see, where a grainy texture's own 12 px spots are as dark.
+  ``memory_region``-pixel window (20: 5×5 cells) around each cell (:func:`region_cells`, 4
+  channels): a soft patch darker, tinted or with less texture than the surface (burns, stains),
+  wider than the fine features and the colour cells see, where a grainy texture's own 12 px
+  spots are as dark.
 
 Each is whitened on the training cells (:meth:`FeatureMemory.build`), and its distance map is
 quantile-normalised on held-out normal images like the detector's maps (0 at ``Q_LOW``, 0.1 at
@@ -112,11 +113,16 @@ def line_cells(image: torch.Tensor) -> torch.Tensor:
     return L.line_cells(grey, *_LINE_FILTERS[key], cell=COLOUR_CELL, pool=COLOUR_POOL)
 
 
+def region_window_ok(window: int) -> bool:
+    """Whether ``window`` (pixels) is an odd number of 4-pixel cells, centred on a cell."""
+    return window >= COLOUR_CELL and window % (2 * COLOUR_CELL) == COLOUR_CELL
+
+
 def region_cells(image: torch.Tensor, window: int) -> torch.Tensor:
     """(B, 4, H/4, W/4): per 4-pixel cell, the mean colour and the luminance's standard deviation
     over the ``window``×``window`` pixels centred on it (an odd number of cells: 20 px is 5×5
     cells), cut at the border; pooled from the cells' means, so it costs little more than them."""
-    if window < COLOUR_CELL or window % COLOUR_CELL or (window // COLOUR_CELL) % 2 == 0:
+    if not region_window_ok(window):
         raise ValueError(f"memory_region must be an odd number of {COLOUR_CELL}-pixel cells "
                          f"(4, 12, 20, ...), got {window}")
     std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)

@@ -400,7 +400,7 @@ class Detector(nn.Module):
             raise ValueError(f"--align must be one of {list(P.MODES)}, got {cfg.align!r}")
         if cfg.autoencoder not in AE_MODES:
             raise ValueError(f"--autoencoder must be one of {list(AE_MODES)}, got {cfg.autoencoder!r}")
-        if cfg.memory_region < 0 or (cfg.memory_region and (cfg.memory_region % 8 != 4)):
+        if cfg.memory_region and not M.region_window_ok(cfg.memory_region):
             raise ValueError(f"--memory-region must be 0 or an odd number of 4-pixel cells "
                              f"(4, 12, 20, ... pixels), got {cfg.memory_region}")
         if cfg.memory in ("global", "local") and cfg.teacher != "effnet-lite0":

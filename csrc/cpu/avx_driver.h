@@ -23,14 +23,14 @@ namespace raad::cpu {
 namespace {
 
 
-// 2^x for x <= 0 (x = -inf → 0; NaN propagates). Round-to-nearest split, degree-5 polynomial on
-// [-1/2, 1/2] (relative error 2e-7); 2^n built in the exponent bits, which are 0 for n = -127.
-// The split uses the 1.5·2^23 trick (adds, and n read from the low mantissa bits) rather than
-// vroundps + vcvtps2dq, which share one pipe with the P rounding on Zen-class cores.
 // the degree-5 polynomial's coefficients, highest first (one list for the 8- and 16-lane forms)
 constexpr float kExp2Poly[6] = {0.0013216948f, 0.0096667539f, 0.0555083379f,
                                 0.2402231842f, 0.6931469440f, 1.0f};
 
+// 2^x for x <= 0 (x = -inf → 0; NaN propagates). Round-to-nearest split, degree-5 polynomial on
+// [-1/2, 1/2] (relative error 2e-7); 2^n built in the exponent bits, which are 0 for n = -127.
+// The split uses the 1.5·2^23 trick (adds, and n read from the low mantissa bits) rather than
+// vroundps + vcvtps2dq, which share one pipe with the P rounding on Zen-class cores.
 inline __m256 exp2_ps(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
   const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23: x + magic has n in its low bits
