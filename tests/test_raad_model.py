@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,30 @@ def test_holdout_split_is_spread_disjoint_and_refuses_too_few_images():
     assert held == paths[0:54:6]  # spread over the folder, not its first nine
     with pytest.raises(DataError, match=r"cat/train/good.*3 images; at least 4"):
         holdout_split(paths[:3], 0.15, "cat/train/good")
+
+
+@pytest.mark.parametrize("shape,sigma", [((2, 1, 64, 48), 2.0), ((1, 3, 40, 40), 4.0), ((1, 1, 9, 30), 1.3)])
+def test_gaussian_blur_is_the_reflect_padded_separable_filter(shape, sigma):
+    """The matrix form against scipy's separable correlation in float64 (mode "mirror" is torch's
+    reflect), with the same truncated, normalised taps; also under autocast, and on inputs
+    whose rows end in a spike (the reflection's fold is where a wrong index would show)."""
+    from scipy.ndimage import correlate1d
+
+    from raad.model import blur_radius, gaussian_blur
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g)
+    x[..., 0] = 5.0
+    x[..., -1, :] = -3.0
+    ref = x.double().numpy()
+    for axis in (-1, -2):
+        r = blur_radius(sigma, shape[axis])
+        t = np.arange(-r, r + 1)
+        k = np.exp(-0.5 * (t / sigma) ** 2)
+        ref = correlate1d(ref, k / k.sum(), axis=axis, mode="mirror")
+    got = gaussian_blur(x, sigma)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    err = float((got.double() - torch.from_numpy(ref)).abs().max())
+    assert err < 1e-5, err
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float((gaussian_blur(x, sigma).double() - torch.from_numpy(ref)).abs().max()) < 1e-5
+    assert torch.equal(gaussian_blur(x, 0.0), x)
