@@ -373,6 +373,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from raad_kernels.allocator import keep_freed_memory
+    keep_freed_memory()   # every command allocates activations at inspection resolution
     try:
         return args.func(args) or 0
     except (D.DataError, RunError, ValueError, FileNotFoundError) as e:

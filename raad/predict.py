@@ -204,6 +204,8 @@ class Scorer:
     records of each chunk are returned and also written under ``out_dir/.parts``."""
 
     def __init__(self, run_dir, precision, device, out_dir, rec, rid, min_side=256):
+        from raad_kernels.allocator import keep_freed_memory
+        keep_freed_memory()   # a scoring process (also each Ray worker's)
         self.det, _, _ = load_run(run_dir, precision=precision)
         self.det.to(device)
         self.device, self.out, self.rec, self.rid, self.precision = device, Path(out_dir), rec, rid, precision

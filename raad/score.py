@@ -271,6 +271,8 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
     ``graph`` (default: on a GPU): the headline rounds replay each torch variant's forward from
     CUDA graphs (:mod:`raad.graphs`), so they compare kernels, not Python; ``cuda_graph`` says
     which variants were captured and why any was not."""
+    from raad_kernels.allocator import keep_freed_memory
+    allocator = keep_freed_memory()   # every variant in this process alike
     run = run_categories(run_dir)[0]
     fp32, _, _ = load_run(run, precision="fp32")
     quant, _, plan = load_run(run, precision="plan", backend=backend)
@@ -344,7 +346,7 @@ def bench(run_dir, device="cpu", batch=8, repeats=30, backend="auto", data_dir=N
                              for k, r in runners.items() if isinstance(r, Graphed)}
     out["plan_timing"] = plan_timing(plan, device, statistics.median(times["plan"]) * 1e3, n)
     out.update({"batch": n, "repeats": repeats, "device": device, "cpu_int8_dot": cpu_int8_dot(device),
-                "threads": torch.get_num_threads(), "image_size": size, "images": source,
+                "threads": torch.get_num_threads(), "image_size": size, "images": source, "allocator": allocator,
                 "plan_bits": {n_: e["qk_bits"] for n_, e in plan["layers"].items()},
                 "plan_linears": plan.get("linears"),
                 "parts_ms": {k: {p: round(1e3 * v, 3) for p, v in d.items()} for k, d in parts.items()}})

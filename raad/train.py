@@ -414,6 +414,8 @@ class Stopwatch:
 def fit_category(category_dir, run_dir, cfg: ModelConfig, opts: FitOptions, show=True) -> dict:
     """Fit one category; writes the run folder. Returns the fit summary."""
     opts.check()
+    from raad_kernels.allocator import keep_freed_memory
+    keep_freed_memory()   # training allocates the same large activations every step
     t_start = time.perf_counter()
     clock = Stopwatch()
     with clock("prepare"):   # images, layout, teacher features, memory
