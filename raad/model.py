@@ -40,7 +40,6 @@ Design (after EfficientAD, with a ViT student):
 
 from __future__ import annotations
 
-import functools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -561,10 +560,21 @@ def blur_radius(sigma: float, n: int) -> int:
     return min(max(1, int(math.ceil(4 * sigma))), n - 1)
 
 
-@functools.lru_cache(maxsize=16)
+_BLUR_MATRICES: dict = {}
+
+
 def blur_matrix(n: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(n, n): one axis' Gaussian blur with reflect padding as a matrix (row i holds the taps of
-    output i, the padded taps folded back onto the samples they reflect), built in float64."""
+    output i, the padded taps folded back onto the samples they reflect), built in float64 once
+    per (n, sigma, dtype, device). (A plain dict, not functools' cache: torch.compile traces
+    through the lookup without a warning.)"""
+    key = (n, sigma, dtype, device)
+    if key not in _BLUR_MATRICES:
+        _BLUR_MATRICES[key] = _blur_matrix(n, sigma).to(dtype=dtype, device=device)
+    return _BLUR_MATRICES[key]
+
+
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
     r = blur_radius(sigma, n)
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -573,8 +583,7 @@ def blur_matrix(n: int, sigma: float, dtype: torch.dtype, device: torch.device) 
     src = src.abs()                                                    # reflect at 0
     src = torch.where(src > n - 1, 2 * (n - 1) - src, src)             # and at n - 1
     rows = torch.arange(n)[:, None].expand_as(src)
-    b = torch.zeros(n, n, dtype=torch.float64).index_put_((rows, src), k.expand_as(src).clone(), accumulate=True)
-    return b.to(dtype=dtype, device=device)
+    return torch.zeros(n, n, dtype=torch.float64).index_put_((rows, src), k.expand_as(src).clone(), accumulate=True)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
