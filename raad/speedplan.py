@@ -7,8 +7,9 @@ at the fit's batch size and real shapes:
    arithmetic: AMX or AVX-512 BF16 CPUs, GPUs); the student its blocks' linears at int8 (W8A8)
    or, where bf16 is native, the whole student under bf16 autocast.
    Each alternative is timed against fp32 and its damage measured as HQS measures a layer's
-   (:class:`raad.hqs.Probe`); a part takes the fastest arithmetic whose damage stays under its
-   share of the bound (half the bound, split between the parts).
+   (:class:`raad.hqs.Probe`); the parts take the fastest combination whose summed damage stays
+   within half the bound (damages add, as HQS assumes for layers; an equal split between the
+   parts left a part's share unused while another's was too small).
 2. Layers. With the parts so chosen, every attention layer is timed alone on its real inputs at
    Q·Kᵀ 2/4/8 bits (P·V 8) and in float (:func:`raad_kernels.timing.time_layers`); the rest of
    a forward is timed once. The settings come from the exact time/damage Pareto front
@@ -22,6 +23,7 @@ from; ``raad bench`` compares it with what it measures and refuses to claim it o
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -98,25 +100,52 @@ def candidates(det, opts) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def best_combination(options: dict[str, dict[str, tuple[float, float]]], limit: float) -> dict[str, str]:
+    """{part: arithmetic}: of every combination of ``options`` ({part: {arithmetic: (ms,
+    damage)}}, each part's first arithmetic the exact one), the fastest whose summed damage is at
+    most ``limit`` (ties: the least damage); every part exact when none fits. Exhaustive: three
+    parts of at most three arithmetics each."""
+    parts = list(options)
+    best, key = {p: next(iter(options[p])) for p in parts}, None
+    for combo in itertools.product(*(options[p].items() for p in parts)):
+        ms = sum(v[0] for _, v in combo)
+        dmg = sum(v[1] for _, v in combo)
+        if dmg <= limit + 1e-15 and (key is None or (ms, dmg) < key):
+            best, key = {p: a for p, (a, _) in zip(parts, combo)}, (ms, dmg)
+    return best
+
+
 def choose_parts(det, probe: hqs.Probe, x: torch.Tensor, opts, max_damage: float,
                  repeats: int = 7) -> list[PartChoice]:
-    """Each part's fastest arithmetic within its share of ``max_damage`` (see the module notes)."""
+    """The parts' arithmetic: the fastest combination whose summed damage stays within half of
+    ``max_damage`` (the other half is the attention layers'); see the module notes."""
     cands = candidates(det, opts)
-    share = 0.5 * max_damage / max(1, len(cands))
-    out = []
+    measured = {}
     for part, ariths in cands.items():
         variants = {a: _apply(copy.deepcopy(det), part, a) for a in ariths}
         # the damage where the detector was trained, the time on the device it will score on
         dmg = {a: (0.0 if a == "fp32" else probe.damage(v)) for a, v in variants.items()}
         on_dev = {a: copy.deepcopy(v).to(opts.device) for a, v in variants.items()}
+        calls = {a: _call(v, part, x) for a, v in on_dev.items()}
+        if part == "student":
+            # each arithmetic timed with its attention in float and at 8/8 too, the faster kept:
+            # the layers' settings are chosen afterwards, and float attention alone would charge
+            # the int8 linears with fp32 SDPA while bf16 gets bf16 SDPA
+            calls.update({f"{a} 8/8": _call(_attention_at(copy.deepcopy(v), 8), part, x) for a, v in on_dev.items()})
         with torch.inference_mode():
-            ms = TM.round_robin({a: _call(v, part, x) for a, v in on_dev.items()}, repeats=repeats, warmup=2,
-                                device=opts.device)
-        ok = [a for a in ariths if dmg[a] <= share]
-        chosen = min(ok, key=lambda a: ms[a])
-        out.append(PartChoice(part, chosen, {a: round(v, 3) for a, v in ms.items()},
-                              {a: float(v) for a, v in dmg.items()}))
-    return out
+            ms = TM.round_robin(calls, repeats=repeats, warmup=2, device=opts.device)
+        measured[part] = {a: (min(ms[a], ms.get(f"{a} 8/8", ms[a])), dmg[a]) for a in ariths}
+    chosen = best_combination(measured, 0.5 * max_damage)
+    return [PartChoice(part, chosen[part], {a: round(v[0], 3) for a, v in m.items()},
+                       {a: float(v[1]) for a, v in m.items()}) for part, m in measured.items()]
+
+
+def _attention_at(det, bits: int):
+    """``det`` with every student attention layer at Q·Kᵀ ``bits``, P·V 8 (in place)."""
+    for name in det.attention_modules():
+        if name.startswith("student."):
+            det.get_submodule(name).set_bits(bits, 8)
+    return det
 
 
 def parts_plan(parts: list[PartChoice]) -> dict:
