@@ -41,16 +41,22 @@ def _cast_back(out, dtype: torch.dtype, low: torch.dtype):
     return out
 
 
-def _wrapped(forward, low: torch.dtype):
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
+class _AutocastForward:
+    """The module's forward under autocast. A class holding its forward rather than a closure:
+    a deep copy of the module (``copy.deepcopy``) then runs the copy's own forward, not the
+    original's."""
+
+    def __init__(self, forward, low: torch.dtype):
+        self.forward, self.low = forward, low
+        functools.update_wrapper(self, forward, updated=())
+
+    def __call__(self, *args, **kwargs):
         ref = _first_float(list(args) + list(kwargs.values()))
         if ref is None:
-            return forward(*args, **kwargs)
-        with torch.autocast(ref.device.type, dtype=low):
-            out = forward(*args, **kwargs)
-        return _cast_back(out, ref.dtype, low)
-    return run
+            return self.forward(*args, **kwargs)
+        with torch.autocast(ref.device.type, dtype=self.low):
+            out = self.forward(*args, **kwargs)
+        return _cast_back(out, ref.dtype, self.low)
 
 
 def autocast_modules(model: nn.Module, dtype: str, modules: Iterable[str], where: str = "autocast") -> list[str]:
@@ -69,7 +75,7 @@ def autocast_modules(model: nn.Module, dtype: str, modules: Iterable[str], where
     for n in names:
         m = all_names[n]
         remove_autocast(m)
-        m.forward = _wrapped(m.forward, DTYPES[dtype])
+        m.forward = _AutocastForward(m.forward, DTYPES[dtype])
         setattr(m, _MARK, dtype)
     return names
 

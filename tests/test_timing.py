@@ -171,6 +171,19 @@ def test_autocast_section_runs_the_module_in_bf16_and_hands_back_fp32():
         assert torch.equal(m(x), y_ref)
 
 
+def test_a_deep_copy_of_an_autocast_module_runs_its_own_weights():
+    import copy
+    m = tiny_vit()
+    rk.quantize_model(m, {"version": 1, "layers": {}, "autocast": {"dtype": "bfloat16", "modules": ["blocks.1.mlp"]}})
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        twin.blocks[1].mlp.fc2.bias.fill_(0.0)
+        twin.blocks[1].mlp.fc2.weight.fill_(0.0)
+        x = torch.randn(2, 17, 64)
+        assert torch.equal(twin.blocks[1].mlp(x), torch.zeros_like(x))   # the copy's zeroed weights
+        assert m.blocks[1].mlp(x).abs().max() > 0                         # the original untouched
+
+
 def test_autocast_naming_a_missing_module_changes_nothing():
     m = tiny_vit()
     with pytest.raises(PlanError, match=r"autocast names module\(s\) \['blocks.9.mlp'\].*nearest"):
