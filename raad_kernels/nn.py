@@ -488,6 +488,8 @@ class QuantReport:
     linears: list[str] = field(default_factory=list)
     #: The plan's ``autocast`` section as applied ({"dtype", "modules"}), or None.
     autocast: Optional[dict] = None
+    #: The modules whose forward runs compiled (the plan's ``compile`` section).
+    compiled: list[str] = field(default_factory=list)
 
     def plan(self, avg_bits: Optional[float] = None) -> dict:
         """The swapped modules as a plan in the file format (for :func:`save_plan`)."""
@@ -504,6 +506,8 @@ class QuantReport:
             out["linears"] = {"bits": 8, "under": list(self.linears)}
         if self.autocast:
             out["autocast"] = dict(self.autocast)
+        if self.compiled:
+            out["compile"] = {"modules": list(self.compiled)}
         return out
 
     def __str__(self) -> str:
@@ -520,6 +524,8 @@ class QuantReport:
             lines.append(f"  {len(self.linears)} linear layer(s) at int8 (W8A8): {', '.join(self.linears)}")
         if self.autocast:
             lines.append(f"  under {self.autocast['dtype']} autocast: {', '.join(self.autocast['modules'])}")
+        if self.compiled:
+            lines.append(f"  compiled: {', '.join(self.compiled)}")
         return "\n".join(lines)
 
 
@@ -561,7 +567,7 @@ def _resolve(plan):
         source = plan if not isinstance(plan, dict) else None
         data = plan_mod.load_plan(plan)
         layers = {n: ((e["qk_bits"], e["pv_bits"]), e.get("score")) for n, e in data["layers"].items()}
-        return ("layers", layers, source, data.get("linears"), data.get("autocast"))
+        return ("layers", layers, source, data.get("linears"), data.get("autocast"), data.get("compile"))
     if callable(plan):
         return ("fn", plan)
     raise TypeError(f"plan must be an int, a dict, a path to a JSON plan or a callable (name, module) -> "
@@ -580,7 +586,8 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     further limits which modules are swapped. ``linear_bits=8`` also runs every ``nn.Linear`` of
     the model as W8A8 (:mod:`raad_kernels.linear`); a plan file's ``linears`` section does the
     same for the module-name prefixes it lists, and its ``autocast`` section runs the modules it
-    names under ``torch.autocast`` (:mod:`raad_kernels.autocast`). Modules that are already ``QuantAttention`` get the
+    names under ``torch.autocast`` (:mod:`raad_kernels.autocast`), its ``compile`` section compiles the
+    modules it names (:mod:`raad_kernels.compiled`). Modules that are already ``QuantAttention`` get the
     plan's bits. A plan naming a module the model does not have (or one that cannot be swapped)
     is refused with the nearest names. The report (swapped, left float, unswappable) is kept as
     ``model.raad_report`` and printed with ``verbose=True``. If ``model`` is itself an attention
@@ -596,11 +603,14 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     if linear_bits is not None:
         linears["bits"] = check_linear_bits(linear_bits)
     autocast = resolved[4] if resolved[0] == "layers" else None
-    if autocast:   # checked before anything is swapped: a bad plan changes nothing
+    compiled = resolved[5] if resolved[0] == "layers" else None
+    for section, spec in (("autocast", autocast), ("compile", compiled)):
+        if not spec:   # checked before anything is swapped: a bad plan changes nothing
+            continue
         all_mods = dict(model.named_modules())
-        bad = [n for n in autocast["modules"] if n not in all_mods]
+        bad = [n for n in spec["modules"] if n not in all_mods]
         if bad:
-            raise plan_mod.PlanError(f"{plan_mod._where(resolved[2])}: autocast names module(s) {bad} that "
+            raise plan_mod.PlanError(f"{plan_mod._where(resolved[2])}: {section} names module(s) {bad} that "
                                      f"the model does not have; nearest: "
                                      f"{', '.join(plan_mod.nearest_names(bad[0], all_mods)) or '(none)'}")
     if linears.get("under"):   # checked before anything is swapped: a bad plan changes nothing
@@ -679,10 +689,16 @@ def quantize_model(model: nn.Module, plan, *, backend: str = "auto", verbose: bo
     if linears:
         quantize_linears(new_root, linears["bits"], under=linears.get("under"))
     report.linears = [n for n, m in new_root.named_modules() if isinstance(m, QuantLinear)]
+    from .compiled import compile_modules, is_compiled, remove_compiled
+    for m in new_root.modules():   # a plan applied again: compiled last, around the autocast
+        if is_compiled(m):
+            remove_compiled(m)
     if autocast:
         from .autocast import autocast_modules
         report.autocast = {"dtype": autocast["dtype"],
                            "modules": autocast_modules(new_root, autocast["dtype"], autocast["modules"])}
+    if compiled:
+        report.compiled = compile_modules(new_root, compiled["modules"])
     object.__setattr__(new_root, "raad_report", report)
     if verbose:
         print(report)

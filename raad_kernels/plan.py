@@ -6,6 +6,7 @@ File format, version 1::
      "layers": {"student.blocks.0.attn": {"qk_bits": 2, "pv_bits": 8, "score": 0.12}, ...},
      "linears": {"bits": 8, "under": ["student.blocks"]},
      "autocast": {"dtype": "bfloat16", "modules": ["teacher"]},
+     "compile": {"modules": ["teacher"]},
      "timing": {"device": "cpu: ...", "threads": 2, "batch": 8, "unit": "ms",
                 "layers": {"student.blocks.0.attn": {"8/8": 10.3, "4/8": 12.4, "16/16": 19.0}},
                 "parts": {"teacher": {"fp32": 47.0, "bfloat16": 30.0}}, "rest": 80.0}}
@@ -23,7 +24,9 @@ dict.
 
 ``autocast`` (optional) runs the ``forward`` of each listed module (exact names) under
 ``torch.autocast`` at ``dtype`` (``bfloat16`` or ``float16``), its outputs cast back to the inputs'
-float dtype. ``timing`` (optional) is what the plan was chosen from: milliseconds per batch of
+float dtype. ``compile`` (optional) runs each listed module's forward compiled by
+``torch.compile`` with inductor's freezing, in inference (:mod:`raad_kernels.compiled`; where
+compiling fails, eagerly). ``timing`` (optional) is what the plan was chosen from: milliseconds per batch of
 each layer at each ``"qk_bits/pv_bits"`` setting, of other parts at each arithmetic, and of the
 rest of a forward, measured on ``device`` (:mod:`raad_kernels.timing`); it is carried along and
 never applied.
@@ -42,11 +45,12 @@ from collections.abc import Iterable, Mapping
 PLAN_VERSION = 1
 MODULE_QK_BITS = (2, 4, 8, 16)
 MODULE_PV_BITS = (8, 16)
-TOP_KEYS = ("version", "avg_bits", "layers", "linears", "autocast", "timing")
+TOP_KEYS = ("version", "avg_bits", "layers", "linears", "autocast", "compile", "timing")
 LINEAR_KEYS = ("bits", "under")
 LAYER_KEYS = ("qk_bits", "pv_bits", "score")
 AUTOCAST_KEYS = ("dtype", "modules")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+COMPILE_KEYS = ("modules",)
 TIMING_KEYS = ("device", "threads", "batch", "unit", "layers", "parts", "rest")
 
 
@@ -143,6 +147,8 @@ def validate(plan: Mapping, source=None) -> dict:
         out["linears"] = validate_linears(plan["linears"], where)
     if plan.get("autocast") is not None:
         out["autocast"] = validate_autocast(plan["autocast"], where)
+    if plan.get("compile") is not None:
+        out["compile"] = validate_compile(plan["compile"], where)
     if plan.get("timing") is not None:
         out["timing"] = validate_timing(plan["timing"], where)
     return out
@@ -155,6 +161,13 @@ def validate_autocast(spec, where: str = "plan") -> dict:
     if spec.get("dtype") not in AUTOCAST_DTYPES:
         raise PlanError(f"{key}: dtype must be one of {list(AUTOCAST_DTYPES)}, got {spec.get('dtype')!r}")
     return {"dtype": spec["dtype"], "modules": _names(spec.get("modules"), f"{key}: modules", "module names")}
+
+
+def validate_compile(spec, where: str = "plan") -> dict:
+    """The plan's ``compile`` section: ``{"modules": [module names]}``."""
+    key = f"{where}: compile"
+    _section(spec, key, COMPILE_KEYS, "an object {'modules': [...]}")
+    return {"modules": _names(spec.get("modules"), f"{key}: modules", "module names")}
 
 
 def _section(spec, key: str, allowed, shape: str) -> None:
