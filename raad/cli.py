@@ -25,7 +25,7 @@ def _fit_opts(args):
     return FitOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, avg_bits=args.avg_bits,
                       budget=args.budget, max_damage=args.max_damage,
                       stage2_steps=args.stage2_steps, seed=args.seed, device=args.device,
-                      linear_bits=args.linear_bits, **({"fpr": args.fpr} if "fpr" in args else {}))
+                      linear_bits=args.linear_bits, compile=args.compile, **({"fpr": args.fpr} if "fpr" in args else {}))
 
 
 def make_data_call(args):
@@ -258,6 +258,9 @@ def build_parser():
         s.add_argument("--linear-bits", type=int, default=f.linear_bits, choices=(8, 16),
                        help="the student blocks' linear layers in the plan: 8 = int8 weights and "
                             "activations (W8A8), 16 = float")
+        s.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="a plan by measured speed never compiles a part (torch.compile needs a C++ "
+                            "compiler where the run scores)")
         s.add_argument("--seed", type=int, default=f.seed)
         s.add_argument("--device", default=f.device,
                        help="the device the run will score on (cpu or cuda): the plan is timed and the "

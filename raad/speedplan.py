@@ -31,6 +31,7 @@ import torch
 import raad_kernels as rk
 from raad_kernels import timing as TM
 from raad_kernels.autocast import autocast_modules
+from raad_kernels.compiled import compile_modules
 
 from . import hqs
 
@@ -65,14 +66,19 @@ class PartChoice:
     damage: dict[str, float] = field(default_factory=dict)
 
 
+#: the suffix of an arithmetic whose part also runs compiled (raad_kernels.compiled)
+COMPILED = "+compile"
+
+
 def _apply(det, part: str, arith: str):
-    """``det`` (a copy) with ``part`` at ``arith``."""
-    if arith == "fp32":
-        return det
-    if arith == "bfloat16":
+    """``det`` (a copy) with ``part`` at ``arith`` (``"bfloat16+compile"``: bf16, compiled)."""
+    base = arith.removesuffix(COMPILED)
+    if base == "bfloat16":
         autocast_modules(det, "bfloat16", [part])
-    elif arith == "int8":
+    elif base == "int8":
         rk.quantize_linears(det, 8, under=list(LINEAR_SCOPE))
+    if arith.endswith(COMPILED):
+        compile_modules(det, [part])
     return det
 
 
@@ -88,7 +94,11 @@ def _call(det, part: str, x: torch.Tensor):
 
 
 def candidates(det, opts) -> dict[str, tuple[str, ...]]:
-    """Arithmetic each part may run at on ``opts.device`` (fp32 first)."""
+    """Arithmetic each part may run at on ``opts.device`` (fp32 first); on a CPU also compiled
+    (``+compile``: inductor with freezing fuses and pre-packs what torch runs op by op), in bf16
+    where the CPU has bf16 arithmetic, else in fp32 (one compiled candidate per part: each
+    compile costs seconds of the fit; the int8 linears are this package's kernels, which it does
+    not compile)."""
     out = {}
     bf16 = bf16_fast(opts.device)
     out["teacher"] = ("fp32", "bfloat16") if bf16 else ("fp32",)
@@ -97,6 +107,8 @@ def candidates(det, opts) -> dict[str, tuple[str, ...]]:
     # the student: its blocks' linears at int8 (W8A8), or the whole student under bf16 autocast
     # (linears in bf16; its attention then sees bf16 inputs, and float layers run SDPA in bf16)
     out["student"] = ("fp32",) + (("int8",) if opts.linear_bits == 8 else ()) + (("bfloat16",) if bf16 else ())
+    if torch.device(opts.device).type == "cpu" and opts.compile:
+        out = {p: a + (("bfloat16" if bf16 else "fp32") + COMPILED,) for p, a in out.items()}
     return out
 
 
@@ -123,18 +135,29 @@ def choose_parts(det, probe: hqs.Probe, x: torch.Tensor, opts, max_damage: float
     measured = {}
     for part, ariths in cands.items():
         variants = {a: _apply(copy.deepcopy(det), part, a) for a in ariths}
-        # the damage where the detector was trained, the time on the device it will score on
-        dmg = {a: (0.0 if a == "fp32" else probe.damage(v)) for a, v in variants.items()}
-        on_dev = {a: copy.deepcopy(v).to(opts.device) for a, v in variants.items()}
+        # the damage where the detector was trained, the time on the device it will score on; a
+        # compiled part's damage is its arithmetic's (compiling changes the rounding, not the
+        # arithmetic: 0.0039 against 0.0041 for the bf16 teacher at 256 px, and measuring it
+        # would compile it once more, at the probe's batch)
+        dmg = {a: (0.0 if a == "fp32" else probe.damage(v)) for a, v in variants.items()
+               if not a.endswith(COMPILED)}
+        dmg.update({a: dmg[a.removesuffix(COMPILED)] for a in ariths if a.endswith(COMPILED)})
+        # timed as scoring runs them: in eval mode (a compiled part runs eagerly in training
+        # mode, and the fit's detector is in it)
+        on_dev = {a: copy.deepcopy(v).to(opts.device).eval() for a, v in variants.items()}
         calls = {a: _call(v, part, x) for a, v in on_dev.items()}
         if part == "student":
             # each arithmetic timed with its attention in float and at 8/8 too, the faster kept:
             # the layers' settings are chosen afterwards, and float attention alone would charge
-            # the int8 linears with fp32 SDPA while bf16 gets bf16 SDPA
-            calls.update({f"{a} 8/8": _call(_attention_at(copy.deepcopy(v), 8), part, x) for a, v in on_dev.items()})
+            # the int8 linears with fp32 SDPA while bf16 gets bf16 SDPA (compiled: float only)
+            calls.update({f"{a} 8/8": _call(_attention_at(copy.deepcopy(v), 8), part, x)
+                          for a, v in on_dev.items() if not a.endswith(COMPILED)})
         with torch.inference_mode():
             ms = TM.round_robin(calls, repeats=repeats, warmup=2, device=opts.device)
-        measured[part] = {a: (min(ms[a], ms.get(f"{a} 8/8", ms[a])), dmg[a]) for a in ariths}
+        # a compiled candidate counts only if its compiled form is what was timed
+        ran = {a for a in ariths if not a.endswith(COMPILED)
+               or getattr(on_dev[a].get_submodule(part).forward, "compiled_calls", 0) > 0}
+        measured[part] = {a: (min(ms[a], ms.get(f"{a} 8/8", ms[a])), dmg[a]) for a in ariths if a in ran}
     chosen = best_combination(measured, 0.5 * max_damage)
     return [PartChoice(part, chosen[part], {a: round(v[0], 3) for a, v in m.items()},
                        {a: float(v[1]) for a, v in m.items()}) for part, m in measured.items()]
@@ -149,13 +172,17 @@ def _attention_at(det, bits: int):
 
 
 def parts_plan(parts: list[PartChoice]) -> dict:
-    """The plan sections (``linears``, ``autocast``) the chosen parts need."""
+    """The plan sections (``linears``, ``autocast``, ``compile``) the chosen parts need."""
     out = {}
-    bf = [p.name for p in parts if p.chosen == "bfloat16"]
+    base = {p.name: p.chosen.removesuffix(COMPILED) for p in parts}
+    bf = [n for n, a in base.items() if a == "bfloat16"]
     if bf:
         out["autocast"] = {"dtype": "bfloat16", "modules": bf}
-    if any(p.chosen == "int8" for p in parts):
+    if any(a == "int8" for a in base.values()):
         out["linears"] = linears_section()
+    compiled = [p.name for p in parts if p.chosen.endswith(COMPILED)]
+    if compiled:
+        out["compile"] = {"modules": compiled}
     return out
 
 
@@ -176,9 +203,12 @@ def budget_plan(det, mods: dict, scores: list[hqs.LayerScore], normals: torch.Te
     x = timing_batch(normals, opts.batch_size).to(device)
     parts = choose_parts(det, probe, x, opts, max_damage, repeats)
     sections = parts_plan(parts)
-    trial = copy.deepcopy(det).to(device)
+    # the layers and the whole forward timed with the parts eager (the layers' inputs are
+    # captured by hooks); what compiling the chosen parts saved, as their timings measured it,
+    # comes off the rest
+    trial = copy.deepcopy(det).to(device).eval()
     rk.quantize_model(trial, {"version": 1, "layers": {n: {"qk_bits": 16, "pv_bits": 16} for n in mods},
-                              **sections})
+                              **{k: v for k, v in sections.items() if k != "compile"}})
     if trial.memory is not None:
         trial.memory.int8 = True    # the plan's memory search (as raad.checkpoint.load_run sets it)
     names = list(mods)
@@ -186,7 +216,8 @@ def budget_plan(det, mods: dict, scores: list[hqs.LayerScore], normals: torch.Te
     layers = TM.time_layers(trial, names, lambda: trial(x), settings, repeats=repeats, device=device)
     with torch.inference_mode():
         whole = TM.round_robin({"float": lambda: trial(x)}, repeats=repeats, device=device)["float"]
-    rest = max(0.0, whole - sum(layers[n][hqs.FLOAT_SETTING] for n in names))
+    saved = sum(p.ms[p.chosen.removesuffix(COMPILED)] - p.ms[p.chosen] for p in parts if p.chosen.endswith(COMPILED))
+    rest = max(0.0, whole - saved - sum(layers[n][hqs.FLOAT_SETTING] for n in names))
     costs = {s.name: hqs.setting_costs(s) for s in scores}
     spent = sum(p.damage[p.chosen] for p in parts)
     alloc, predicted, damage, met = hqs.allocate_time(costs, layers, budget, rest_ms=rest,
@@ -201,7 +232,7 @@ def budget_plan(det, mods: dict, scores: list[hqs.LayerScore], normals: torch.Te
              "parts": {p.name: p.ms for p in parts}, "rest": round(rest, 3)}
     plan = {"version": 1, "layers": plan_layers, **sections, "timing": table}
     report = {"budget": budget, "max_damage": max_damage, "met": met,
-              "predicted_ms": round(predicted, 3), "float_ms": round(whole, 3),
+              "predicted_ms": round(predicted, 3), "float_ms": round(whole - saved, 3),
               "damage": {"parts": spent, "attention": damage},
               "parts": {p.name: {"chosen": p.chosen, "ms": p.ms, "damage": p.damage} for p in parts}}
     return plan, report

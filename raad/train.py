@@ -65,6 +65,7 @@ class FitOptions:
     stage2_steps: int = 60
     stage2_lr: float = 1e-4
     linear_bits: int = 8   # the student blocks' linears in the plan: 8 = W8A8, 16 = float
+    compile: bool = True   # a plan by measured speed may compile parts (CPU; raad_kernels.compiled)
     holdout: float = 0.15
     seed: int = 0
     device: str = "cpu"   # where the run will score: the plan is timed and the threshold set there
@@ -384,7 +385,11 @@ def quantize_and_finetune(prep: Prepared, det: Detector, plan: dict, opts: FitOp
     ``weights``: per-patch stage-2 weights (default: from ``det`` before quantizing)."""
     if stage2 and weights is None:
         weights = discrepancy_weights(det, prep.stems, prep.targets)
-    rk.quantize_model(det, deployment_plan(plan, opts), backend=opts.backend)
+    # the plan's compiled parts stay eager here: fine-tuning trains them, and compiling for the
+    # calibration's batch shapes would cost the fit seconds for a rounding's difference
+    # (load_run compiles them)
+    rk.quantize_model(det, {k: v for k, v in deployment_plan(plan, opts).items() if k != "compile"},
+                      backend=opts.backend)
     if det.memory is not None:
         det.memory.int8 = True
     log = []

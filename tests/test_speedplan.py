@@ -45,10 +45,18 @@ def test_the_default_plan_is_chosen_by_measured_speed(fitted):
     from raad.checkpoint import load_run
     det, _, _ = load_run(run / "pcb")
     chosen = {p: r["chosen"] for p, r in speed["parts"].items()}
-    assert ("linears" in plan) == (chosen["student"] == "int8")
-    bf = [p for p, a in chosen.items() if a == "bfloat16"]
+    base = {p: a.removesuffix("+compile") for p, a in chosen.items()}
+    assert ("linears" in plan) == (base["student"] == "int8")
+    bf = [p for p, a in base.items() if a == "bfloat16"]
     assert plan.get("autocast", {"modules": []})["modules"] == bf
     assert det.raad_report.autocast == (plan.get("autocast") or None)
+    # on a CPU every part was also timed compiled (in bf16 where the CPU has it), and the
+    # compiled ones chosen are in the plan's compile section and compiled on load
+    from raad.speedplan import bf16_fast
+    arith = ("bfloat16" if bf16_fast("cpu") else "fp32") + "+compile"
+    assert all(arith in r["ms"] and r["damage"][arith] == r["damage"][arith[:-8]] for r in speed["parts"].values())
+    compiled = [p for p, a in chosen.items() if a.endswith("+compile")]
+    assert plan.get("compile", {"modules": []})["modules"] == compiled == det.raad_report.compiled
 
 
 def test_parts_take_the_fastest_combination_within_the_bound():
@@ -127,6 +135,7 @@ def test_bench_peers_run_in_the_same_rounds_and_are_checked_against_fp32(fitted,
     assert all(v["images_per_s"] > 0 for v in r["peers"].values())
     # the float exports compute what fp32 computes; the lower precisions differ, a little
     assert r["deviation"]["openvino-fp32"] < 1e-4 and r["deviation"]["compile"] < 1e-4
+    assert r["deviation"]["compile-networks"] < 1e-4 and 0 < r["deviation"]["compile-networks-bf16"] < 1
     # (the one-line autocast runs the maps' normalisation in bf16 too: on this 4-step model's
     # flat maps that is a large share)
     assert 0 < r["deviation"]["bf16-autocast"] < 1 and 0 < r["deviation"]["openvino-int8"] < 1
