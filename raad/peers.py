@@ -4,7 +4,10 @@
 * ``bf16-autocast``, ``fp16-autocast``: the fp32 detector under ``torch.autocast`` (one line of
   torch; fp16 is the usual choice on a GPU).
 * ``compile``: the fp32 detector under ``torch.compile`` (inductor; on a GPU in its
-  ``reduce-overhead`` mode, which replays CUDA graphs).
+  ``reduce-overhead`` mode, which replays CUDA graphs): the one line.
+* ``compile-networks``, ``compile-networks-bf16``: the detector's networks (what OpenVINO is
+  given) compiled with inductor's ``freezing`` (weights folded and pre-packed, the CPU inference
+  setting), in fp32 and under bf16 autocast: torch's own counterpart of the OpenVINO exports.
 * OpenVINO (anomalib's CPU path): the detector's networks (teacher, student, autoencoder:
   :meth:`raad.model.Detector.neural_maps`) exported with ``openvino.convert_model`` and compiled
   in fp32 (``openvino-fp32``: ``INFERENCE_PRECISION_HINT`` f32), in OpenVINO's default precision
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 OPENVINO = ("openvino-fp32", "openvino", "openvino-int8")
-TORCH = ("bf16-autocast", "fp16-autocast", "compile")
+TORCH = ("bf16-autocast", "fp16-autocast", "compile", "compile-networks", "compile-networks-bf16")
 PEERS = TORCH + OPENVINO
 
 
@@ -62,7 +65,7 @@ def default_peers(device) -> tuple[str, ...]:
     """The peers worth timing on ``device``: OpenVINO on a CPU, fp16 autocast on a GPU."""
     if torch.device(device).type == "cuda":
         return ("fp16-autocast", "bf16-autocast", "compile")
-    return ("bf16-autocast", "compile") + OPENVINO
+    return ("bf16-autocast", "compile", "compile-networks", "compile-networks-bf16") + OPENVINO
 
 
 def openvino_available() -> str | None:
@@ -115,6 +118,26 @@ class _Compiled(nn.Module):
         return self.fn(image)
 
 
+class _CompiledNetworks:
+    """Stands in for ``Detector.neural_maps``: the networks compiled with freezing (optionally
+    under autocast), the outputs back in float32."""
+
+    def __init__(self, det, memory: bool, dtype: torch.dtype | None):
+        self.memory, self.dtype = memory, dtype
+        eager = det.neural_maps
+
+        def networks(image):
+            with torch.autocast(image.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                return tuple(None if t is None else t.float() for t in eager(image, memory))
+        self.fn = torch.compile(networks, options={"freezing": True}, dynamic=False)
+
+    def __call__(self, image, memory: bool = False):
+        if memory != self.memory:
+            raise RuntimeError(f"the networks were compiled for memory={self.memory}, called with memory={memory}")
+        with torch.no_grad():
+            return self.fn(image)
+
+
 def build(fp32_det, names, x: torch.Tensor, calib: torch.Tensor | None = None, device="cpu") -> dict:
     """{peer name: a detector-like module (``cfg`` and ``forward(image) -> maps``)} for each of
     ``names`` (from :data:`PEERS`); OpenVINO peers only on a CPU. ``x``: the batch they run on
@@ -128,6 +151,11 @@ def build(fp32_det, names, x: torch.Tensor, calib: torch.Tensor | None = None, d
             out[n] = _Autocast(copy.deepcopy(fp32_det), torch.bfloat16 if n == "bf16-autocast" else torch.float16)
         elif n == "compile":
             out[n] = _Compiled(copy.deepcopy(fp32_det), device)
+        elif n.startswith("compile-networks"):
+            det = copy.deepcopy(fp32_det).eval()
+            det.neural_maps = _CompiledNetworks(det, det.memory is not None,
+                                                torch.bfloat16 if n.endswith("bf16") else None)
+            out[n] = det
         else:
             why = openvino_available()
             if why:
