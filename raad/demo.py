@@ -32,9 +32,11 @@ def demo(out="demo_out", steps=None, categories=None, quiet=False) -> dict:
         print(f"[1/4] generating synthetic categories {cats} in {data_dir}")
         D.make_synthetic(data_dir, categories=cats, seed=0, overwrite=True)
     cfg = ModelConfig(image_size=DEMO_IMAGE_SIZE)
-    opts = FitOptions(steps=steps or FitOptions.steps)
+    # no compiled parts: compiling each part for each batch shape, in each of the fit, the
+    # scoring and the bench, took the 4-category demo from 4 to 8.5 minutes on 2 cores
+    opts = FitOptions(steps=steps or FitOptions.steps, compile=False)
     print(f"[2/4] fitting at {cfg.image_size} px ({opts.steps} steps, the fastest plan on this CPU "
-          f"within {opts.max_damage:g} damage)")
+          f"within {opts.max_damage:g} damage, no part compiled: `raad fit` may compile them)")
     fits = fit(data_dir, out / "run", cfg, opts, show=show)
     print("[3/4] scoring in fp32 and with the plan")
     rows = {}
