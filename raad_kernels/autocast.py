@@ -63,17 +63,11 @@ def autocast_modules(model: nn.Module, dtype: str, modules: Iterable[str], where
     """Run each named module of ``model`` (exact names, "" for the model) under autocast at
     ``dtype`` ("bfloat16" or "float16"). Every name is checked before any module changes.
     Returns the names."""
-    from .plan import PlanError, nearest_names
+    from .plan import PlanError, named_modules
     if dtype not in DTYPES:
         raise PlanError(f"{where}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
     names = list(modules)
-    all_names = dict(model.named_modules())
-    missing = [n for n in names if n not in all_names]
-    if missing:
-        raise PlanError("\n".join(f"{where}: names module {n!r}, which the model does not have; nearest "
-                                  f"names: {', '.join(nearest_names(n, all_names)) or '(none)'}" for n in missing))
-    for n in names:
-        m = all_names[n]
+    for m in named_modules(model, names, where).values():
         remove_autocast(m)
         m.forward = _AutocastForward(m.forward, DTYPES[dtype])
         setattr(m, _MARK, dtype)

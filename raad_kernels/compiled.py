@@ -90,15 +90,9 @@ class _CompiledForward:
 def compile_modules(model: nn.Module, modules: Iterable[str], where: str = "compile") -> list[str]:
     """Run each named module of ``model`` (exact names, "" for the model) compiled (see the
     module notes). Every name is checked before any module changes. Returns the names."""
-    from .plan import PlanError, nearest_names
+    from .plan import named_modules
     names = list(modules)
-    all_names = dict(model.named_modules())
-    missing = [n for n in names if n not in all_names]
-    if missing:
-        raise PlanError("\n".join(f"{where}: names module {n!r}, which the model does not have; nearest "
-                                  f"names: {', '.join(nearest_names(n, all_names)) or '(none)'}" for n in missing))
-    for n in names:
-        m = all_names[n]
+    for n, m in named_modules(model, names, where).items():
         remove_compiled(m)
         m.forward = _CompiledForward(m, m.forward, n)
         setattr(m, _MARK, True)

@@ -313,6 +313,17 @@ def save_plan(plan, path, *, avg_bits: float | None = None) -> str:
     return path
 
 
+def named_modules(model, names: Iterable[str], where: str) -> dict:
+    """{name: module} for each of ``names`` (exact module names of ``model``, "" for the model);
+    every missing one refused at once, with the nearest names (``where`` starts the message)."""
+    all_names = dict(model.named_modules())
+    missing = [n for n in names if n not in all_names]
+    if missing:
+        raise PlanError("\n".join(f"{where}: names module {n!r}, which the model does not have; nearest "
+                                  f"names: {', '.join(nearest_names(n, all_names)) or '(none)'}" for n in missing))
+    return {n: all_names[n] for n in names}
+
+
 def nearest_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Closest module names to ``name`` (difflib), for error messages."""
     cands = list(candidates)
