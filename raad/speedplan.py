@@ -5,7 +5,8 @@ at the fit's batch size and real shapes:
 
 1. Parts. The teacher and the autoencoder can run in bf16 (where the hardware has bf16
    arithmetic: AMX or AVX-512 BF16 CPUs, GPUs); the student its blocks' linears at int8 (W8A8)
-   or, where bf16 is native, the whole student under bf16 autocast.
+   or, where bf16 is native, the whole student under bf16 autocast; on a CPU each part may also
+   run compiled (:mod:`raad_kernels.compiled`; see :func:`candidates`).
    Each alternative is timed against fp32 and its damage measured as HQS measures a layer's
    (:class:`raad.hqs.Probe`); the parts take the fastest combination whose summed damage stays
    within half the bound (damages add, as HQS assumes for layers; an equal split between the
