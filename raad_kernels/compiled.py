@@ -35,10 +35,10 @@ OPTIONS = {"freezing": True}
 def _own_frame(fn):
     """``fn`` called through a function with a code object of its own. torch.compile keeps its
     compiled graphs per code object, at most ``recompile_limit`` (8) of them, and past that runs
-    the frame eagerly without a word; every module's forward would share one code object (the
-    class's forward, or the autocast wrapper's ``__call__``), so a process with more than 8 such
-    modules (a fit's candidates, several runs scored in one process) would quietly stop
-    compiling."""
+    the frame eagerly without a word. Modules share code objects (their class's forward; every
+    autocast-wrapped module the wrapper's ``__call__``), and each call that fails the guards of
+    the graphs already there (another module behind the same wrapper, another signature) adds
+    one: a fit's candidates reached the limit, and the bench after it ran those parts eagerly."""
     def call(*args, **kwargs):
         return fn(*args, **kwargs)
     return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, call.__defaults__,

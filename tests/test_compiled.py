@@ -51,7 +51,8 @@ def test_compiled_forward_computes_the_eager_one_in_inference_and_trains_eagerly
 
 def test_more_modules_of_one_class_than_dynamos_cache_holds_are_all_compiled():
     """torch.compile keeps at most 8 graphs per code object and runs the frame eagerly past that,
-    silently; each compiled module gets a frame of its own, so a twelfth one still compiles."""
+    silently; each compiled module gets a frame of its own, so each of twelve gets its own graph
+    (sharing the class's frame, they gave one)."""
     x = torch.randn(1, 3, 8, 8)
     before = _graphs()
     for _ in range(12):
