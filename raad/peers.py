@@ -123,13 +123,14 @@ class _CompiledNetworks:
     under autocast), the outputs back in float32."""
 
     def __init__(self, det, memory: bool, dtype: torch.dtype | None):
-        self.memory, self.dtype = memory, dtype
+        from raad_kernels.compiled import OPTIONS
+        self.memory = memory
         eager = det.neural_maps
 
         def networks(image):
             with torch.autocast(image.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 return tuple(None if t is None else t.float() for t in eager(image, memory))
-        self.fn = torch.compile(networks, options={"freezing": True}, dynamic=False)
+        self.fn = torch.compile(networks, options=OPTIONS, dynamic=False)   # the plan's compile options
 
     def __call__(self, image, memory: bool = False):
         if memory != self.memory:
